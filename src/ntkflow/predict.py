@@ -1,0 +1,1 @@
+"""Public, neural-tangents-compatible prediction functions."""
