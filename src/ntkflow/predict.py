@@ -1,1 +1,514 @@
-"""Public, neural-tangents-compatible prediction functions."""
+r"""Predict the outputs of a network during training from its Neural Tangent Kernel.
+
+This module is the public, neural-tangents-compatible surface:
+``import ntkflow as nt`` then ``nt.predict.gradient_descent(...)`` runs code
+written for ``neural_tangents.predict`` unchanged. The numerics live in private
+modules (``ntkflow._mse``, ``_dynamics``, ``_solvers``, ``_ode``, ...) that work
+on flat 2-D arrays; kernel axes are handled once, here, at the boundary.
+
+Kernel layout (as in neural-tangents): for outputs of shape ``y_train.shape``,
+``k_train_train`` has the shape of ``zip(y_train.shape, y_train.shape)`` with the
+``trace_axes`` pairs removed (interleaved axes: ``(n, n)`` for ``(n, k)`` outputs
+and ``trace_axes=(-1,)``, ``(n, n, k, k)`` for ``trace_axes=()``), and is read as
+:math:`\Theta \otimes I` along the traced axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike
+
+from ntkflow import _checks
+from ntkflow._axes import (
+    Layout,
+    kernel_rows_shapes,
+    kernel_to_2d,
+    make_layout,
+    outputs_from_2d,
+    outputs_to_2d,
+)
+from ntkflow._dynamics import Dynamics, FlatLoss
+from ntkflow._eigen import Eigen, add_diagonal_regularizer
+from ntkflow._mse import MSEFlow
+from ntkflow._ode import solve_at
+from ntkflow._solvers import FAILURE_MESSAGES, SOLVERS, AbstractSolver, SolveInfo
+from ntkflow._typing import float_dtype, is_concrete
+
+__all__ = [
+    "ODEState",
+    "gradient_descent",
+    "gradient_descent_mse",
+    "max_learning_rate",
+]
+
+Axes = int | Sequence[int]
+
+
+class ODEState(eqx.Module):
+    """ODE state: outputs and auxiliary variables (a pytree).
+
+    Attributes:
+      fx_train: training set outputs.
+      fx_test: test set outputs.
+      qx_train: training set auxiliary variable (the velocity, with momentum).
+      qx_test: test set auxiliary variable (the velocity, with momentum).
+
+    Construct ``ODEState(fx_train_0, fx_test_0)`` to start from outputs; pass a
+    state to a predictor to get states back, and pass a returned state again
+    to resume training from it.
+    """
+
+    fx_train: Array | None = None
+    fx_test: Array | None = None
+    qx_train: Array | None = None
+    qx_test: Array | None = None
+
+
+# ---------------------------------------------------------------------------
+# The boundary: user arrays <-> flat arrays.
+
+
+class _Boundary:
+    """Shapes and conversions for one ``(k_train_train, y_train, trace_axes)``."""
+
+    def __init__(self, k_train_train: ArrayLike, y_train: ArrayLike, trace_axes: Axes):
+        if not hasattr(y_train, "shape"):
+            y_train = np.asarray(y_train)
+        if not hasattr(k_train_train, "shape"):
+            k_train_train = np.asarray(k_train_train)
+        self.y_shape = tuple(int(s) for s in y_train.shape)
+        if len(self.y_shape) == 0:
+            raise ValueError(
+                "`y_train` must have at least one (batch) dimension; got a scalar."
+            )
+        self.layout: Layout = make_layout(self.y_shape, trace_axes)
+        self.rows_shape = self.layout.rows_shape(self.y_shape)
+        kernel_rows_shapes(
+            k_train_train.shape, "k_train_train", self.rows_shape, self.rows_shape, self.layout
+        )
+        self.dtype = float_dtype(k_train_train, y_train)
+        self.k = kernel_to_2d(jnp.asarray(k_train_train, self.dtype))
+        self.y = jnp.asarray(y_train, self.dtype)
+
+    def test_rows_shape(self, k_test_train: ArrayLike) -> tuple[int, ...]:
+        first, _ = kernel_rows_shapes(
+            np.shape(k_test_train), "k_test_train", None, self.rows_shape, self.layout
+        )
+        return first
+
+    def flat_kernel(self, k_test_train: ArrayLike) -> Array:
+        return kernel_to_2d(jnp.asarray(k_test_train, self.dtype))
+
+    def to_flat(self, x: ArrayLike, rows_shape: tuple[int, ...], name: str) -> Array:
+        """Broadcast ``x`` to the outputs' shape and flatten it."""
+        shape = self.layout.output_shape(rows_shape)
+        x = jnp.asarray(x)
+        try:
+            x = jnp.broadcast_to(x, shape)
+        except ValueError:
+            raise ValueError(
+                f"`{name}` must be a scalar or broadcastable to shape {shape}; "
+                f"got shape {tuple(x.shape)}."
+            ) from None
+        x = x.astype(jnp.result_type(self.dtype, x.dtype))
+        return outputs_to_2d(x, self.layout)
+
+    def from_flat(self, x: Array, rows_shape: tuple[int, ...], t_shape: tuple) -> Array:
+        x = outputs_from_2d(x, self.layout, rows_shape)
+        return x.reshape(t_shape + x.shape[1:])
+
+    def flat_loss(self, loss: Callable[[Array, Array], Any]) -> FlatLoss:
+        return FlatLoss(loss, self.layout, self.rows_shape)
+
+
+def _check_predict_inputs(fx_train_or_state_0: Any, fx_test_0: Any, k_test_train: Any) -> None:
+    if isinstance(fx_train_or_state_0, ODEState):
+        if fx_test_0 is not None:
+            raise ValueError(
+                "`fx_test_0` is included in the `ODEState` passed as "
+                "`fx_train_or_state_0` and must be None; got "
+                f"{_checks.describe(fx_test_0)}."
+            )
+        fx_train_0, fx_test_0 = fx_train_or_state_0.fx_train, fx_train_or_state_0.fx_test
+    else:
+        fx_train_0 = fx_train_or_state_0
+    if fx_train_0 is None and fx_test_0 is None:
+        raise ValueError(
+            "Both `fx_train_0` and `fx_test_0` are None, i.e. no predictions would be computed."
+        )
+    if fx_test_0 is not None and k_test_train is None:
+        raise ValueError(
+            "To get predictions on the test set, pass `k_test_train` (the test-train kernel); "
+            f"got `fx_test_0` ({_checks.describe(fx_test_0)}) but `k_test_train=None`."
+        )
+
+
+def _times(t: Any, dtype: np.dtype) -> Array:
+    t = np.inf if t is None else t
+    t = _checks.check_times(t)
+    return jnp.asarray(t, dtype)
+
+
+def _report(info: SolveInfo, scale: Any, out: Any) -> Any:
+    """Raise (eagerly) or attach a runtime error (under ``jit``) if a solve failed."""
+    if is_concrete(info.ok):
+        if not bool(info.ok):
+            code = int(info.code)
+            reached = float(info.tau) / float(np.asarray(scale))
+            raise RuntimeError(
+                f"ntkflow: the ODE solve stopped at t = {reached:.6g} "
+                f"after {int(info.num_steps)} steps: {FAILURE_MESSAGES.get(code, 'unknown')}"
+            )
+        return out
+    message = "ntkflow: the ODE solve failed: " + " Or: ".join(FAILURE_MESSAGES.values())
+    return jax.tree.map(lambda x: eqx.error_if(x, ~info.ok, message), out)
+
+
+# ---------------------------------------------------------------------------
+# gradient_descent_mse
+
+
+def gradient_descent_mse(
+    k_train_train: ArrayLike,
+    y_train: ArrayLike,
+    learning_rate: float = 1.0,
+    diag_reg: float = 0.0,
+    diag_reg_absolute_scale: bool = False,
+    trace_axes: Axes = (-1,),
+) -> Callable[..., Any]:
+    r"""Predicts the outcome of function-space gradient descent on the MSE loss, in closed form.
+
+    For :math:`L(f) = \frac{1}{2|y|}\|f - y\|^2` (the mean over all entries of
+    ``y_train``) and times in units of the learning rate
+    (``absolute_time = learning_rate * t``),
+
+    .. math::
+
+        f(t) = y + e^{-\eta t K/|y|}(f_0 - y), \qquad
+        f_\text{test}(t) = f_\text{test}(0) - K_\text{test}\,
+            \frac{1 - e^{-\eta t K/|y|}}{K}\,(f_0 - y),
+
+    computed in the eigenbasis of ``K`` (plus ``diag_reg``), which is computed
+    once, here. Negative eigenvalues (round-off) are clamped to zero; zero
+    eigenvalues give the exact limit (linear in ``t``) rather than ``0/0``, and
+    at ``t = inf`` / ``t = None`` the pseudo-inverse limit
+    :math:`f_\text{test}(0) + K_\text{test} K^{+}(y - f_0)` (the train outputs
+    move only within the range of ``K``).
+
+    Args:
+      k_train_train: kernel on the training data, shaped like
+        ``zip(y_train.shape, y_train.shape)`` with the ``trace_axes`` pairs removed.
+      y_train: targets for the training data.
+      learning_rate: learning rate, step size.
+      diag_reg: diagonal regularization: ``K + diag_reg * I``, relative to
+        ``trace(K) / K.shape[0]`` unless ``diag_reg_absolute_scale``.
+      diag_reg_absolute_scale: whether ``diag_reg`` is in absolute units.
+      trace_axes: output axes along which the kernel is :math:`\Theta \otimes I`.
+
+    Returns:
+      ``predict_fn(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None)``
+      returning ``fx_train_t``, ``fx_test_t`` (if ``fx_train_0 is None``) or
+      ``(fx_train_t, fx_test_t)``, with leading axes ``np.shape(t)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import ntkflow as nt
+      >>> k = jnp.array([[2.0, 0.5], [0.5, 1.0]])
+      >>> y = jnp.array([[1.0], [-1.0]])
+      >>> predict_fn = nt.predict.gradient_descent_mse(k, y)
+      >>> predict_fn(t=None).round(3).tolist()
+      [[1.0], [-1.0]]
+      >>> predict_fn(t=[0.0, 1.0]).shape
+      (2, 2, 1)
+    """
+    _checks.check_learning_rate(learning_rate)
+    b = _Boundary(k_train_train, y_train, trace_axes)
+    _checks.check_finite(b.k, "k_train_train")
+    _checks.check_finite(b.y, "y_train")
+    k = add_diagonal_regularizer(b.k, diag_reg, diag_reg_absolute_scale)
+    flow = MSEFlow(Eigen.of(k), math.prod(b.y_shape))
+    y_flat = outputs_to_2d(b.y, b.layout)
+    lr = learning_rate
+
+    def predict_fn(
+        t: ArrayLike | None = None,
+        fx_train_0: ArrayLike | None = 0.0,
+        fx_test_0: ArrayLike | None = None,
+        k_test_train: ArrayLike | None = None,
+    ) -> Any:
+        """Train [and test] outputs at time[s] ``t`` (``None`` means infinity)."""
+        _check_predict_inputs(fx_train_0, fx_test_0, k_test_train)
+        tau = _times(t, b.dtype) * lr
+        t_shape = tuple(tau.shape)
+        tau = tau.reshape(-1)
+        f0 = b.to_flat(0.0 if fx_train_0 is None else fx_train_0, b.rows_shape, "fx_train_0")
+        _checks.check_finite(f0, "fx_train_0")
+        r0 = f0 - y_flat
+        out_train = out_test = None
+        if fx_train_0 is not None:
+            out_train = b.from_flat(f0[None] + flow.train_delta(tau, r0), b.rows_shape, t_shape)
+        if fx_test_0 is not None:
+            assert k_test_train is not None
+            test_rows = b.test_rows_shape(k_test_train)
+            ft0 = b.to_flat(fx_test_0, test_rows, "fx_test_0")
+            delta = flow.test_delta(tau, r0, b.flat_kernel(k_test_train))
+            out_test = b.from_flat(ft0[None] + delta, test_rows, t_shape)
+        if out_test is None:
+            return out_train
+        if out_train is None:
+            return out_test
+        return out_train, out_test
+
+    return predict_fn
+
+
+# ---------------------------------------------------------------------------
+# gradient_descent
+
+
+def _default_tolerances(dtype: np.dtype) -> tuple[float, float]:
+    # neural-tangents' odeint defaults (1.4e-8) where float64 allows them.
+    return (1.4e-8, 1.4e-8) if np.dtype(dtype).itemsize >= 8 else (1e-6, 1e-6)
+
+
+def _resolve_solver(solver: str | AbstractSolver) -> AbstractSolver:
+    if isinstance(solver, AbstractSolver):
+        return solver
+    if isinstance(solver, str) and solver == "auto":
+        from ntkflow._auto import Auto
+
+        return Auto()
+    if isinstance(solver, str) and solver in SOLVERS:
+        return SOLVERS[solver]()
+    raise ValueError(
+        f"`solver` must be 'auto', one of {sorted(SOLVERS)} or an AbstractSolver instance; "
+        f"got {solver!r}."
+    )
+
+
+def gradient_descent(
+    loss: Callable[[Array, Array], Any],
+    k_train_train: ArrayLike,
+    y_train: ArrayLike,
+    learning_rate: float = 1.0,
+    momentum: float | None = None,
+    trace_axes: Axes = (-1,),
+    *,
+    solver: str | AbstractSolver = "auto",
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int = 100_000,
+) -> Callable[..., Any]:
+    r"""Predicts the outcome of function-space training with gradient descent, for any loss.
+
+    Solves the function-space ODE of (momentum) gradient descent for
+    ``loss(fx_train, y_train)`` given the kernel, as in "Wide Neural Networks of
+    Any Depth Evolve as Linear Models Under Gradient Descent" (Lee et al., 2019):
+
+    .. math::
+
+        \dot f = -\eta\, K\, \nabla_f L(f), \qquad
+        \dot f_\text{test} = -\eta\, K_\text{test}\, \nabla_f L(f),
+
+    in time units ``absolute_time = learning_rate * t``. With ``momentum = m``
+    it solves neural-tangents' continuous heavy-ball ODE in units of
+    ``sqrt(learning_rate)``: :math:`\ddot f = -K \nabla_f L(f) +
+    \frac{m - 1}{\sqrt{\eta}} \dot f` (standard, not Nesterov, momentum); then
+    ``learning_rate`` and ``t`` are not interchangeable.
+
+    Test outputs are not integrated alongside the train outputs: the solver
+    carries the train outputs and the (discounted) integrals of the loss
+    gradient, and ``k_test_train`` is applied once per output time, so a solver
+    step costs the same whatever the number of test points.
+
+    Args:
+      loss: ``loss(fx_train, y_train) -> scalar``, any JAX-differentiable function
+        (its gradient is taken by autodiff). It should treat the batch and
+        output dimensions symmetrically.
+      k_train_train: kernel on the training data, shaped like
+        ``zip(y_train.shape, y_train.shape)`` with the ``trace_axes`` pairs removed.
+      y_train: targets for the training data.
+      learning_rate: learning rate, step size.
+      momentum: momentum scalar in ``[0, 1)``, or ``None`` for plain gradient descent.
+      trace_axes: output axes along which the kernel is :math:`\Theta \otimes I`.
+      solver: keyword-only. ``"auto"`` (default), a name from
+        ``ntkflow.predict.SOLVERS`` or a solver instance. See :mod:`ntkflow._auto`
+        for how ``"auto"`` chooses.
+      rtol, atol: keyword-only tolerances of the adaptive solver (default
+        ``1.4e-8`` in float64, as neural-tangents; ``1e-6`` in float32).
+      max_steps: keyword-only; the solver gives up (with an error) after this
+        many steps.
+
+    Returns:
+      ``predict_fn(t=None, fx_train_or_state_0=0., fx_test_0=None, k_test_train=None)``.
+      ``t`` is a scalar or an array of any shape and order (``None`` or ``inf``: the
+      end point of training); outputs gain leading axes ``np.shape(t)``. It returns
+      ``fx_train_t``, ``fx_test_t`` (if ``fx_train_or_state_0 is None``), or
+      ``(fx_train_t, fx_test_t)``; given an :class:`ODEState`, an ``ODEState``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import ntkflow as nt
+      >>> k = jnp.array([[2.0, 0.5], [0.5, 1.0]])
+      >>> y = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+      >>> cross_entropy = lambda fx, y_hat: -jnp.mean(jax.nn.log_softmax(fx) * y_hat)
+      >>> predict_fn = nt.predict.gradient_descent(cross_entropy, k, y, learning_rate=1.0)
+      >>> fx = predict_fn(t=[0.0, 10.0], fx_train_or_state_0=0.0)
+      >>> fx.shape
+      (2, 2, 2)
+      >>> bool(fx[1, 0, 0] > fx[1, 0, 1])
+      True
+    """
+    if not callable(loss):
+        raise TypeError(f"`loss` must be a callable loss(fx, y); got {_checks.describe(loss)}.")
+    _checks.check_learning_rate(learning_rate)
+    _checks.check_momentum(momentum)
+    b = _Boundary(k_train_train, y_train, trace_axes)
+    _checks.check_finite(b.k, "k_train_train")
+    _checks.check_finite(b.y, "y_train")
+    solver_obj = _resolve_solver(solver)
+    default_rtol, default_atol = _default_tolerances(b.dtype)
+    rtol_ = default_rtol if rtol is None else float(rtol)
+    atol_ = default_atol if atol is None else float(atol)
+    if not max_steps or int(max_steps) <= 0:
+        raise ValueError(f"`max_steps` must be a positive integer; got {max_steps!r}.")
+
+    flat_loss = b.flat_loss(loss)
+    _checks.check_scalar_loss(jax.eval_shape(flat_loss.value, outputs_to_2d(b.y, b.layout), b.y))
+    if momentum is None:
+        scale: Any = learning_rate
+        damping = None
+    else:
+        scale = jnp.sqrt(jnp.asarray(learning_rate, b.dtype))
+        damping = (jnp.asarray(momentum, b.dtype) - 1.0) / scale
+
+    def predict_fn(
+        t: ArrayLike | None = None,
+        fx_train_or_state_0: ArrayLike | ODEState | None = 0.0,
+        fx_test_0: ArrayLike | None = None,
+        k_test_train: ArrayLike | None = None,
+    ) -> Any:
+        """Train [and test] outputs (or an ``ODEState``) at time[s] ``t``."""
+        _check_predict_inputs(fx_train_or_state_0, fx_test_0, k_test_train)
+        is_state = isinstance(fx_train_or_state_0, ODEState)
+        fx_train_0: Any
+        qx_train_0: Any
+        qx_test_0: Any
+        if isinstance(fx_train_or_state_0, ODEState):
+            state = fx_train_or_state_0
+            fx_train_0, fx_test_0, qx_train_0, qx_test_0 = (
+                state.fx_train, state.fx_test, state.qx_train, state.qx_test
+            )
+            if momentum is None and (qx_train_0 is not None or qx_test_0 is not None):
+                raise ValueError(
+                    "Got momentum state variables (`qx_train`/`qx_test` of the ODEState), "
+                    "while `momentum is None`."
+                )
+        else:
+            fx_train_0, qx_train_0, qx_test_0 = fx_train_or_state_0, None, None
+
+        tau = _times(t, b.dtype) * scale
+        t_shape = tuple(tau.shape)
+        tau = tau.reshape(-1)
+
+        f0 = b.to_flat(0.0 if fx_train_0 is None else fx_train_0, b.rows_shape, "fx_train_0")
+        _checks.check_finite(f0, "fx_train_0")
+        q0 = None if qx_train_0 is None else b.to_flat(qx_train_0, b.rows_shape, "qx_train")
+        with_test = fx_test_0 is not None
+        dyn = Dynamics(b.k.astype(f0.dtype), flat_loss, b.y, damping, with_test)
+        y0 = dyn.initial_state(f0, q0)
+        infinite = bool(jnp.any(jnp.isinf(tau))) if is_concrete(tau) else None
+        ys, info = solve_at(
+            dyn, y0, tau.astype(f0.dtype), solver_obj, rtol_, atol_, max_steps, infinite
+        )
+
+        fx_train_t = b.from_flat(ys.f, b.rows_shape, t_shape)
+        qx_train_t = None if ys.q is None else b.from_flat(ys.q, b.rows_shape, t_shape)
+        fx_test_t = qx_test_t = None
+        if with_test:
+            assert k_test_train is not None and fx_test_0 is not None
+            test_rows = b.test_rows_shape(k_test_train)
+            ft0 = b.to_flat(fx_test_0, test_rows, "fx_test_0")
+            _checks.check_finite(ft0, "fx_test_0")
+            qt0 = None if qx_test_0 is None else b.to_flat(qx_test_0, test_rows, "qx_test")
+            ft, qt = dyn.test_outputs(
+                tau.astype(f0.dtype), ys, ft0, qt0, b.flat_kernel(k_test_train)
+            )
+            fx_test_t = b.from_flat(ft, test_rows, t_shape)
+            if qt is not None:
+                qx_test_t = b.from_flat(qt, test_rows, t_shape)
+
+        if is_state:
+            out: Any = ODEState(
+                fx_train_t if fx_train_0 is not None else None, fx_test_t, qx_train_t, qx_test_t
+            )
+            if fx_train_0 is None:
+                out = ODEState(None, fx_test_t, None, qx_test_t)
+        elif fx_test_0 is None:
+            out = fx_train_t
+        elif fx_train_0 is None:
+            out = fx_test_t
+        else:
+            out = (fx_train_t, fx_test_t)
+        return _report(info, scale, out)
+
+    return predict_fn
+
+
+# ---------------------------------------------------------------------------
+# max_learning_rate
+
+
+def max_learning_rate(
+    ntk_train_train: ArrayLike,
+    y_train_size: int | None = None,
+    momentum: float = 0.0,
+    eps: float = 1e-12,
+) -> float:
+    r"""The maximal feasible learning rate for (full-batch) gradient descent on MSE.
+
+    For the loss ``1 / (2 * y_train_size) * ||f - y||^2``, gradient descent is
+    stable while :math:`I - \eta K / \text{size}` is a contraction, i.e. for
+    :math:`\eta < 2\,\text{size} / \lambda_\max(K)`; with momentum the bound is
+    :math:`2 (1 + m)\, \text{size} / \lambda_\max(K)` ("Why Momentum Really
+    Works", Goh 2017). Works with any kernel layout (it is flattened to 2-D) and on
+    any device (``jnp.linalg.eigvalsh``).
+
+    Args:
+      ntk_train_train: the NTK on the training data (any interleaved layout).
+      y_train_size: ``y_train.size``; default: the flattened kernel's size, i.e.
+        ``trace_axes=()``.
+      momentum: momentum of the optimizer.
+      eps: added to the largest eigenvalue to avoid dividing by zero.
+
+    Returns:
+      The maximal learning rate, a Python float.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import ntkflow as nt
+      >>> round(nt.predict.max_learning_rate(jnp.array([[2.0, 0.0], [0.0, 1.0]])), 6)
+      2.0
+    """
+    k = jnp.asarray(ntk_train_train)
+    if k.ndim % 2 or k.ndim == 0:
+        raise ValueError(
+            "`ntk_train_train` must have an even number of (interleaved) dimensions; got "
+            f"shape {tuple(k.shape)}."
+        )
+    k = kernel_to_2d(k)
+    if k.shape[0] != k.shape[1]:
+        raise ValueError(
+            f"`ntk_train_train` must be square once flattened; got shape {tuple(k.shape)}."
+        )
+    _checks.check_finite(k, "ntk_train_train")
+    factor = k.shape[0] if y_train_size is None else y_train_size
+    max_eva = jnp.linalg.eigvalsh(0.5 * (k + k.T))[-1]
+    return float(2 * (1 + momentum) * factor / (max_eva + eps))

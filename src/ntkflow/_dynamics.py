@@ -1,0 +1,163 @@
+r"""Function-space training dynamics on flat arrays.
+
+Train outputs ``F`` (shape ``(rows, traced)``) follow, in the time units of
+neural-tangents (``tau = learning_rate * t`` without momentum,
+``tau = sqrt(learning_rate) * t`` with momentum):
+
+* gradient descent: :math:`F' = -K G(F)`, with :math:`G = \nabla_F L`;
+* momentum (heavy ball): :math:`F' = Q,\; Q' = -K G(F) + d\, Q`, with the
+  damping :math:`d = (m - 1) / \sqrt{\eta}`.
+
+Test outputs are *not* integrated: they are linear in the gradient history,
+
+.. math::
+
+    F_\text{test}(\tau) = F_\text{test}(0) - K_\text{test} S_1(\tau),
+    \qquad S_1(\tau) = \int_0^\tau G\, ds
+
+without momentum, and with momentum
+
+.. math::
+
+    Q_\text{test}(\tau) = e^{d\tau} Q_\text{test}(0) - K_\text{test} S_1(\tau),\quad
+    F_\text{test}(\tau) = F_\text{test}(0) + \varphi(\tau) Q_\text{test}(0)
+        - K_\text{test} S_2(\tau),
+
+where :math:`S_1' = G + d S_1` (a discounted integral), :math:`S_2' = S_1` and
+:math:`\varphi(\tau) = (e^{d\tau} - 1)/d`. So the ODE state holds train
+quantities only and ``K_test`` is applied once per output time: the cost of a
+solver step does not depend on the number of test points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ntkflow._axes import Layout, outputs_from_2d
+from ntkflow._eigen import Eigen, phi1
+
+__all__ = ["FlatState", "FlatLoss", "Dynamics"]
+
+
+class FlatState(eqx.Module):
+    """ODE state on flat arrays. Unused fields are ``None``.
+
+    Attributes:
+      f: train outputs ``F``.
+      q: train velocity ``Q = F'`` (momentum only).
+      s1: accumulated gradient (plain) or discounted gradient integral
+        (momentum); only when test outputs are requested.
+      s2: integral of ``s1`` (momentum with test outputs only).
+    """
+
+    f: Float[Array, "rows traced"]
+    q: Float[Array, "rows traced"] | None = None
+    s1: Float[Array, "rows traced"] | None = None
+    s2: Float[Array, "rows traced"] | None = None
+
+
+class FlatLoss(eqx.Module):
+    """A user loss ``loss(fx, y)`` seen on flat outputs ``F``.
+
+    Hashable by ``(loss, layout, rows_shape)``, so predictors built from the
+    same loss function and shapes share compiled code.
+    """
+
+    loss: Callable[[Array, Array], Array] = eqx.field(static=True)
+    layout: Layout = eqx.field(static=True)
+    rows_shape: tuple[int, ...] = eqx.field(static=True)
+
+    def value(self, f: Float[Array, "rows traced"], y: Array) -> Array:
+        return self.loss(outputs_from_2d(f, self.layout, self.rows_shape), y)
+
+    def grad(self, f: Float[Array, "rows traced"], y: Array) -> Float[Array, "rows traced"]:
+        return jax.grad(self.value)(f, y)
+
+
+class Dynamics(eqx.Module):
+    """The flat ODE ``y' = vector_field(tau, y)`` and its test-set read-out.
+
+    Attributes:
+      k: flat train-train kernel.
+      loss: the loss on flat outputs.
+      y: the targets, as the user passed them (shape ``y_train.shape``).
+      damping: ``(m - 1) / sqrt(lr)`` with momentum, ``None`` without.
+      with_test: whether ``s1``/``s2`` are integrated.
+      eigen: the eigendecomposition of ``k``, when precomputed (stiff solvers).
+    """
+
+    k: Float[Array, "rows rows"]
+    loss: FlatLoss
+    y: Array
+    damping: Float[Array, ""] | None
+    with_test: bool = eqx.field(static=True)
+    eigen: Eigen | None = None
+
+    def grad_fn(self, f: Float[Array, "rows traced"]) -> Float[Array, "rows traced"]:
+        """``G = dL/dF``."""
+        return self.loss.grad(f, self.y)
+
+    def loss_fn(self, f: Float[Array, "rows traced"]) -> Array:
+        return self.loss.value(f, self.y)
+
+    @property
+    def momentum(self) -> bool:
+        return self.damping is not None
+
+    def initial_state(
+        self, f0: Float[Array, "rows traced"], q0: Float[Array, "rows traced"] | None
+    ) -> FlatState:
+        zeros = jnp.zeros_like(f0)
+        if not self.momentum:
+            return FlatState(f0, None, zeros if self.with_test else None, None)
+        q0 = zeros if q0 is None else q0
+        if self.with_test:
+            return FlatState(f0, q0, zeros, zeros)
+        return FlatState(f0, q0, None, None)
+
+    def vector_field(self, tau: Float[Array, ""], y: FlatState, args: object = None) -> FlatState:
+        del tau, args
+        g = self.grad_fn(y.f)
+        kg = self.k @ g
+        if not self.momentum:
+            return FlatState(-kg, None, g if self.with_test else None, None)
+        assert y.q is not None and self.damping is not None
+        dq = -kg + self.damping * y.q
+        if not self.with_test:
+            return FlatState(y.q, dq, None, None)
+        assert y.s1 is not None
+        return FlatState(y.q, dq, g + self.damping * y.s1, y.s1)
+
+    def rate(self, y: FlatState) -> tuple[Array, Array]:
+        """``(F', L')``: output velocity and loss rate, for convergence tests."""
+        g = self.grad_fn(y.f)
+        df = -(self.k @ g) if not self.momentum else y.q
+        assert df is not None
+        return df, jnp.vdot(g, df)
+
+    def test_outputs(
+        self,
+        tau: Float[Array, " m"],
+        ys: FlatState,
+        f_test0: Float[Array, "p traced"],
+        q_test0: Float[Array, "p traced"] | None,
+        k_test: Float[Array, "p rows"],
+    ) -> tuple[Float[Array, "m p traced"], Float[Array, "m p traced"] | None]:
+        """Test outputs (and velocities) at times ``tau`` from saved states ``ys``."""
+        assert ys.s1 is not None
+        ks1 = jnp.einsum("pr,mrk->mpk", k_test, ys.s1)
+        if not self.momentum:
+            return f_test0[None] - ks1, None
+        assert ys.s2 is not None and self.damping is not None
+        q_test0 = jnp.zeros_like(f_test0) if q_test0 is None else q_test0
+        d = jnp.asarray(self.damping)
+        decay = jnp.exp(d * tau)[:, None, None]
+        phi = phi1(-d[None], tau)[:, :, None]  # (e^{d tau} - 1) / d, stable at d = 0
+        q_test = decay * q_test0[None] - ks1
+        f_test = f_test0[None] + phi * q_test0[None] - jnp.einsum("pr,mrk->mpk", k_test, ys.s2)
+        return f_test, q_test

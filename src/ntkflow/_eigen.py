@@ -1,0 +1,72 @@
+"""Eigendecomposition of the flat kernel and stable spectral functions.
+
+The kernel ``K`` is symmetric positive semi-definite in exact arithmetic.
+Round-off can make small eigenvalues slightly negative; they are clamped to
+``0`` here, explicitly, and eigenvalues below ``rcond * max(lambda)`` are
+treated as exact zeros ("null modes").
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+__all__ = ["Eigen", "add_diagonal_regularizer", "phi1"]
+
+
+def add_diagonal_regularizer(
+    k: Float[Array, "n n"], diag_reg: float, absolute_scale: bool
+) -> Float[Array, "n n"]:
+    """``K + diag_reg * I`` (``diag_reg * trace(K) / n * I`` unless ``absolute_scale``)."""
+    n = k.shape[0]
+    scale = diag_reg if absolute_scale else diag_reg * jnp.trace(k) / n
+    return k + scale * jnp.eye(n, dtype=k.dtype)
+
+
+class Eigen(eqx.Module):
+    """``K = V diag(lam) V^T`` with ``lam >= 0``, kept as a pytree.
+
+    Attributes:
+      evals: eigenvalues, ascending, clamped to be non-negative.
+      evecs: orthonormal eigenvectors (columns).
+      null: mask of eigenvalues treated as exact zeros
+        (``lam <= rcond * max(lam)``, ``rcond = n * eps``).
+    """
+
+    evals: Float[Array, " n"]
+    evecs: Float[Array, "n n"]
+    null: Bool[Array, " n"]
+
+    @classmethod
+    def of(cls, k: Float[Array, "n n"]) -> Eigen:
+        k = 0.5 * (k + k.T)
+        evals, evecs = jnp.linalg.eigh(k)
+        evals = jnp.maximum(evals, 0.0)
+        rcond = k.shape[0] * jnp.finfo(k.dtype).eps
+        null = evals <= rcond * jnp.max(evals, initial=0.0)
+        return cls(jnp.where(null, 0.0, evals), evecs, null)
+
+    def to_eigenbasis(self, x: Float[Array, "n ..."]) -> Float[Array, "n ..."]:
+        return jnp.tensordot(self.evecs.T, x, axes=1)
+
+    def from_eigenbasis(self, x: Float[Array, "... n k"]) -> Float[Array, "... n k"]:
+        return jnp.einsum("ij,...jk->...ik", self.evecs, x)
+
+
+def phi1(evals: Float[Array, " n"], tau: Float[Array, " m"]) -> Float[Array, "m n"]:
+    r"""``(1 - exp(-lam * tau)) / lam`` for every time and eigenvalue, stably.
+
+    Tends to ``tau`` as ``lam -> 0`` (no ``0/0``), with a finite gradient
+    (the double-``where`` trick). For ``tau = inf`` it is ``1 / lam``, and ``inf``
+    for ``lam = 0``.
+    """
+    tau = tau[:, None]
+    lam = evals[None, :]
+    small = lam * jnp.minimum(tau, jnp.finfo(evals.dtype).max) < 1e-6
+    safe_lam = jnp.where(small, 1.0, lam)
+    regular = -jnp.expm1(-safe_lam * tau) / safe_lam
+    # Series 1 - x/2 + x^2/6 for x = lam * tau small.
+    x = jnp.where(small, lam * tau, 0.0)
+    series = tau * (1.0 - x / 2.0 + x * x / 6.0)
+    return jnp.where(small, series, regular)

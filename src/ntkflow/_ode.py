@@ -1,0 +1,82 @@
+"""Solving the flat ODE at arbitrary (unsorted, repeated, infinite) times.
+
+This is the one place that turns user times into what solvers accept: it
+sorts the requested times, splits off ``inf`` (the end point of training),
+runs the solver once over the sorted finite times, continues to convergence
+if any time is infinite, and puts the results back in the requested order.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ntkflow._dynamics import Dynamics, FlatState
+from ntkflow._eigen import Eigen
+from ntkflow._solvers import AbstractSolver, SolveInfo
+
+__all__ = ["solve_at"]
+
+@eqx.filter_jit
+def solve_at(
+    dynamics: Dynamics,
+    y0: FlatState,
+    taus: Float[Array, " m"],
+    solver: AbstractSolver,
+    rtol: float,
+    atol: float,
+    max_steps: int,
+    infinite: bool | None = None,
+) -> tuple[FlatState, SolveInfo]:
+    """States at ``taus`` (any order, repeats, ``inf``), in the order given.
+
+    ``infinite`` says whether ``taus`` contains ``inf`` when that is known
+    before tracing (then only the needed branch is compiled); ``None``: decide
+    at run time.
+    """
+    order = jnp.argsort(taus)
+    sorted_taus = taus[order]
+    is_inf = jnp.isinf(sorted_taus)
+    finite_max = jnp.max(jnp.where(is_inf, 0.0, sorted_taus), initial=0.0)
+    finite_taus = jnp.where(is_inf, finite_max, sorted_taus)
+
+    ys, info = solver.integrate(
+        dynamics, y0, finite_taus, rtol=rtol, atol=atol, max_steps=max_steps
+    )
+
+    def to_end(_: None) -> tuple[FlatState, SolveInfo]:
+        y_last = jax.tree.map(lambda x: x[-1], ys)
+        eigen = dynamics.eigen if dynamics.eigen is not None else Eigen.of(dynamics.k)
+        return solver.converge(
+            dynamics,
+            y_last,
+            finite_max,
+            eigen,
+            rtol=rtol,
+            atol=atol,
+            max_steps=max_steps,
+        )
+
+    def skip(_: None) -> tuple[FlatState, SolveInfo]:
+        y_last = jax.tree.map(lambda x: x[-1], ys)
+        return y_last, info
+
+    if infinite is None:
+        y_inf, info_inf = jax.lax.cond(jnp.any(is_inf), to_end, skip, None)
+    else:
+        y_inf, info_inf = to_end(None) if infinite else skip(None)
+    ys = jax.tree.map(
+        lambda a, b: jnp.where(is_inf.reshape((-1,) + (1,) * b.ndim), b[None], a), ys, y_inf
+    )
+    inverse = jnp.argsort(order)
+    ys = jax.tree.map(lambda x: x[inverse], ys)
+    merged = SolveInfo(
+        ok=info.ok & info_inf.ok,
+        tau=jnp.where(info.ok, info_inf.tau, info.tau),
+        num_steps=info.num_steps + jnp.where(jnp.any(is_inf), info_inf.num_steps, 0),
+        num_rhs=info.num_rhs + jnp.where(jnp.any(is_inf), info_inf.num_rhs, 0),
+        code=jnp.where(info.ok, info_inf.code, info.code),
+    )
+    return ys, merged

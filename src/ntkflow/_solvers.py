@@ -1,0 +1,283 @@
+"""Solver strategies for the flat function-space ODE.
+
+A solver is a small final class with one contract (:class:`AbstractSolver`):
+
+* ``integrate(dynamics, y0, taus, ...)``: the states at the sorted, finite
+  times ``taus`` (starting at ``tau = 0``);
+* ``converge(dynamics, y0, tau0, ...)``: the end point of training, reached
+  from ``y0`` at ``tau0`` by integrating until the convergence criterion of
+  :func:`converged` holds.
+
+``SOLVERS`` maps the names accepted by ``gradient_descent(..., solver=...)`` to
+classes. ``"auto"`` is resolved by :func:`ntkflow._auto.choose_solver`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar, NamedTuple
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from ntkflow._dynamics import Dynamics, FlatState
+from ntkflow._eigen import Eigen
+
+__all__ = [
+    "AbstractSolver",
+    "DiffraxSolver",
+    "Tsit5",
+    "Dopri5",
+    "Kvaerno5",
+    "SolveInfo",
+    "SOLVERS",
+    "converged",
+]
+
+
+class SolveInfo(NamedTuple):
+    """What a solve reports besides its values.
+
+    Attributes:
+      ok: whether it succeeded.
+      tau: the (scaled) time reached.
+      num_steps: accepted plus rejected steps.
+      num_rhs: right-hand-side (vector field) evaluations, where known.
+      message: code: 0 success, 1 max steps reached, 2 non-finite values.
+    """
+
+    ok: Array
+    tau: Array
+    num_steps: Array
+    num_rhs: Array
+    code: Int[Array, ""]
+
+
+FAILURE_MESSAGES = {
+    1: "the solver reached `max_steps` before the last requested time. Increase "
+    "`max_steps`, loosen `rtol`/`atol`, or use a stiff solver (solver='expo' or 'auto').",
+    2: "the solution became non-finite (NaN/inf). The kernel may not be positive "
+    "semi-definite, or the loss may overflow; check `k_train_train`, the loss and "
+    "the initial outputs.",
+}
+
+
+def converged(
+    dynamics: Dynamics,
+    eigen: Eigen,
+    y: FlatState,
+    loss0: Array,
+    rtol: float,
+    atol: float,
+) -> Array:
+    r"""The end-of-training criterion used for ``t = inf``.
+
+    With :math:`G = \nabla_F L`, :math:`\Pi` the projector onto the non-null
+    eigenvectors of ``K`` (training cannot move the outputs along null modes)
+    and :math:`c = \langle \Pi G, H \Pi G\rangle / \|\Pi G\|^2` the loss
+    curvature along it (one Hessian-vector product), the change still to come
+    is estimated, Newton-like, as :math:`\Delta = \|\Pi G\| / c` (exact for the
+    MSE loss), plus :math:`\|Q\| / |d|` with momentum (the distance the
+    velocity would coast). Training has converged when either
+
+    * the outputs have converged: :math:`\Delta \le \text{atol} +
+      \text{rtol}\, \|F\|`, or
+    * the loss has converged: the estimated decrease still to come,
+      :math:`\tfrac12 \|\Pi G\|^2 / c`, is at most
+      :math:`\text{rtol}^2 |L(0)|` (for losses whose minimizer is at
+      infinity, e.g. cross-entropy on one-hot targets, where the outputs grow
+      without bound but ever more slowly; this also holds once the gradient
+      has vanished to round-off, so the scale of such outputs at ``t = inf``
+      is set by the floating-point precision: only the loss and the
+      probabilities are meaningful there).
+
+    A floor of ``10 * eps * cond(K) * ||F||`` on the output tolerance accounts
+    for round-off. Norms are root-mean-square.
+    """
+    rms = lambda x: jnp.sqrt(jnp.mean(jnp.square(x)))
+    keep = (~eigen.null)[:, None]
+    g = dynamics.grad_fn(y.f)
+    pg = eigen.evecs @ jnp.where(keep, eigen.to_eigenbasis(g), 0.0)
+    _, hpg = jax.jvp(dynamics.grad_fn, (y.f,), (pg,))
+    gg = jnp.vdot(pg, pg)
+    tiny = jnp.finfo(y.f.dtype).tiny
+    curvature = jnp.maximum(jnp.vdot(pg, hpg), tiny) / jnp.maximum(gg, tiny)
+    remaining = rms(pg) / curvature
+    if dynamics.damping is not None and y.q is not None:
+        coast = rms(y.q) / jnp.maximum(jnp.abs(dynamics.damping), tiny)
+    else:
+        coast = jnp.zeros((), y.f.dtype)
+    eps = jnp.finfo(y.f.dtype).eps
+    evals = eigen.evals
+    cond = jnp.max(evals) / jnp.min(jnp.where(eigen.null, jnp.inf, evals))
+    floor = 10 * eps * jnp.minimum(cond, 1 / eps) * rms(y.f)
+    outputs_done = remaining + coast <= jnp.maximum(atol + rtol * rms(y.f), floor)
+    loss_tol = rtol**2
+    loss_done = (0.5 * gg / curvature <= loss_tol * jnp.abs(loss0)) & (
+        coast <= jnp.maximum(atol + rtol * rms(y.f), floor)
+    )
+    return outputs_done | loss_done
+
+
+class AbstractSolver(eqx.Module):
+    """A strategy to integrate :class:`ntkflow._dynamics.Dynamics`.
+
+    Subclasses are final and declare ``name`` and whether they are ``stiff``
+    (able to take steps far beyond the fastest time scale of the kernel).
+    """
+
+    name: ClassVar[str]
+    stiff: ClassVar[bool]
+
+    @abc.abstractmethod
+    def integrate(
+        self,
+        dynamics: Dynamics,
+        y0: FlatState,
+        taus: Float[Array, " m"],
+        *,
+        rtol: float,
+        atol: float,
+        max_steps: int,
+    ) -> tuple[FlatState, SolveInfo]:
+        """States at the sorted finite times ``taus`` (leading axis ``m``)."""
+
+    @abc.abstractmethod
+    def converge(
+        self,
+        dynamics: Dynamics,
+        y0: FlatState,
+        tau0: Float[Array, ""],
+        eigen: Eigen,
+        *,
+        rtol: float,
+        atol: float,
+        max_steps: int,
+    ) -> tuple[FlatState, SolveInfo]:
+        """The converged state (see :func:`converged`), starting at ``tau0``.
+
+        ``eigen`` is the eigendecomposition of ``dynamics.k``, used by the
+        convergence criterion.
+        """
+
+
+def _info_from_diffrax(sol: dfx.Solution, tau: Array, ok_results: tuple) -> SolveInfo:
+    ok = jnp.zeros((), bool)
+    for r in ok_results:
+        ok = ok | (sol.result == r)
+    code = jnp.where(
+        ok, 0, jnp.where(sol.result == dfx.RESULTS.max_steps_reached, 1, 2)
+    ).astype(jnp.int32)
+    steps = sol.stats["num_steps"]
+    nrhs = sol.stats.get("num_rhs", jnp.asarray(-1))
+    return SolveInfo(ok, tau, steps, jnp.asarray(nrhs), code)
+
+
+class DiffraxSolver(AbstractSolver):
+    """Base for solvers that delegate to a :mod:`diffrax` solver with PID control."""
+
+    stiff: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def diffrax_solver(self) -> dfx.AbstractSolver:
+        """The diffrax solver instance."""
+
+    def _solve(
+        self,
+        dynamics: Dynamics,
+        y0: FlatState,
+        t0: Array,
+        t1: Array,
+        saveat: dfx.SaveAt,
+        rtol: float,
+        atol: float,
+        max_steps: int,
+        event: dfx.Event | None = None,
+    ) -> dfx.Solution:
+        return dfx.diffeqsolve(
+            dfx.ODETerm(dynamics.vector_field),  # type: ignore[arg-type]
+            self.diffrax_solver(),
+            t0,
+            t1,
+            None,
+            y0,
+            saveat=saveat,
+            stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
+            max_steps=max_steps,
+            event=event,
+            throw=False,
+        )
+
+    def integrate(self, dynamics, y0, taus, *, rtol, atol, max_steps):
+        t0 = jnp.zeros((), taus.dtype)
+        t1 = jnp.maximum(taus[-1], t0)
+        sol = self._solve(dynamics, y0, t0, t1, dfx.SaveAt(ts=taus), rtol, atol, max_steps)
+        ys = sol.ys
+        assert isinstance(ys, FlatState)
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(ys)]))
+        info = _info_from_diffrax(sol, t1, (dfx.RESULTS.successful,))
+        info = info._replace(code=jnp.where(finite | ~info.ok, info.code, 2).astype(jnp.int32))
+        return ys, info._replace(ok=info.ok & finite)
+
+    def converge(self, dynamics, y0, tau0, eigen, *, rtol, atol, max_steps):
+        loss0 = dynamics.loss_fn(y0.f)
+
+        def cond_fn(t, y, args, **kwargs):
+            del args, kwargs
+            return converged(dynamics, eigen, y, loss0, rtol, atol)
+
+        sol = self._solve(
+            dynamics,
+            y0,
+            tau0,
+            jnp.asarray(jnp.inf, tau0.dtype),
+            dfx.SaveAt(t1=True),
+            rtol,
+            atol,
+            max_steps,
+            event=dfx.Event(cond_fn),
+        )
+        assert sol.ys is not None and sol.ts is not None
+        y = jax.tree.map(lambda x: x[-1], sol.ys)
+        info = _info_from_diffrax(sol, sol.ts[-1], (dfx.RESULTS.event_occurred,))
+        return y, info
+
+
+class Tsit5(DiffraxSolver):
+    """Tsitouras' explicit 5(4) Runge-Kutta method (diffrax ``Tsit5``).
+
+    Cheap steps; efficient while the problem is not stiff (cross-entropy once
+    the softmax saturates, short horizons).
+    """
+
+    name: ClassVar[str] = "tsit5"
+
+    def diffrax_solver(self) -> dfx.AbstractSolver:
+        return dfx.Tsit5()
+
+
+class Dopri5(DiffraxSolver):
+    """Dormand-Prince 5(4), the method of neural-tangents' ``odeint``."""
+
+    name: ClassVar[str] = "dopri5"
+
+    def diffrax_solver(self) -> dfx.AbstractSolver:
+        return dfx.Dopri5()
+
+
+class Kvaerno5(DiffraxSolver):
+    """diffrax's implicit ESDIRK 5(4) method with a dense Jacobian (small problems only)."""
+
+    name: ClassVar[str] = "kvaerno5"
+    stiff: ClassVar[bool] = True
+
+    def diffrax_solver(self) -> dfx.AbstractSolver:
+        return dfx.Kvaerno5()
+
+
+SOLVERS: dict[str, type[AbstractSolver]] = {
+    cls.name: cls for cls in (Tsit5, Dopri5, Kvaerno5)
+}

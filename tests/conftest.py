@@ -1,0 +1,41 @@
+"""Shared test configuration.
+
+The suite runs twice (``make test``): with ``JAX_ENABLE_X64=0`` (float32, JAX's
+default) and ``JAX_ENABLE_X64=1`` (float64). Tolerances are keyed by the active
+default float dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+X64 = bool(jax.config.jax_enable_x64)
+DTYPE = jnp.zeros(()).dtype
+
+#: (rtol, atol) for comparisons against references, by precision.
+TOL = {"rtol": 1e-6, "atol": 1e-7} if X64 else {"rtol": 2e-3, "atol": 2e-4}
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max(|b|, 1e-12) (errors relative to the reference's scale)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def psd_kernel(key, n: int, p: int | None = None, dtype=None) -> jnp.ndarray:
+    """A random PSD kernel ``J J^T / p`` of shape ``(n, n)``."""
+    p = 2 * n if p is None else p
+    j = jax.random.normal(key, (n, p), dtype or DTYPE)
+    return j @ j.T / p
+
+
+@pytest.fixture
+def key():
+    return jax.random.PRNGKey(0)
+
+
+def pytest_report_header(config):
+    return f"ntkflow tests: default float dtype {DTYPE} (JAX_ENABLE_X64={int(X64)})"
