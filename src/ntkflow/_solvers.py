@@ -35,6 +35,7 @@ __all__ = [
     "SolveInfo",
     "SOLVERS",
     "converged",
+    "projected_gradient",
 ]
 
 
@@ -65,11 +66,25 @@ FAILURE_MESSAGES = {
 }
 
 
+def projected_gradient(
+    dynamics: Dynamics, eigen: Eigen, f: Array
+) -> tuple[Array, Array]:
+    """``(Pi G, c)``: the loss gradient on non-null modes and the curvature along it."""
+    keep = (~eigen.null)[:, None]
+    g = dynamics.grad_fn(f)
+    pg = eigen.evecs @ jnp.where(keep, eigen.to_eigenbasis(g), 0.0)
+    _, hpg = jax.jvp(dynamics.grad_fn, (f,), (pg,))
+    tiny = jnp.finfo(f.dtype).tiny
+    curvature = jnp.maximum(jnp.vdot(pg, hpg), tiny) / jnp.maximum(jnp.vdot(pg, pg), tiny)
+    return pg, curvature
+
+
 def converged(
     dynamics: Dynamics,
     eigen: Eigen,
     y: FlatState,
     loss0: Array,
+    curvature0: Array,
     rtol: float,
     atol: float,
 ) -> Array:
@@ -85,27 +100,21 @@ def converged(
 
     * the outputs have converged: :math:`\Delta \le \text{atol} +
       \text{rtol}\, \|F\|`, or
-    * the loss has converged: the estimated decrease still to come,
-      :math:`\tfrac12 \|\Pi G\|^2 / c`, is at most
-      :math:`\text{rtol}^2 |L(0)|` (for losses whose minimizer is at
-      infinity, e.g. cross-entropy on one-hot targets, where the outputs grow
-      without bound but ever more slowly; this also holds once the gradient
-      has vanished to round-off, so the scale of such outputs at ``t = inf``
-      is set by the floating-point precision: only the loss and the
-      probabilities are meaningful there).
+    * the minimizer is at infinity and the loss has converged: the curvature
+      has collapsed, :math:`c \le \sqrt{\text{rtol}}\, c_0` (as for
+      cross-entropy on one-hot targets, whose outputs grow without bound but
+      ever more slowly), and the loss decrease still to come,
+      :math:`\tfrac12 \|\Pi G\|^2 / c`, is at most :math:`\text{rtol}\,
+      |L(0)|`. The outputs returned then are finite, with a loss that small;
+      only the loss and probabilities are meaningful, not their scale.
 
     A floor of ``10 * eps * cond(K) * ||F||`` on the output tolerance accounts
     for round-off. Norms are root-mean-square.
     """
     rms = lambda x: jnp.sqrt(jnp.mean(jnp.square(x)))
-    keep = (~eigen.null)[:, None]
-    g = dynamics.grad_fn(y.f)
-    pg = eigen.evecs @ jnp.where(keep, eigen.to_eigenbasis(g), 0.0)
-    _, hpg = jax.jvp(dynamics.grad_fn, (y.f,), (pg,))
-    gg = jnp.vdot(pg, pg)
-    tiny = jnp.finfo(y.f.dtype).tiny
-    curvature = jnp.maximum(jnp.vdot(pg, hpg), tiny) / jnp.maximum(gg, tiny)
+    pg, curvature = projected_gradient(dynamics, eigen, y.f)
     remaining = rms(pg) / curvature
+    tiny = jnp.finfo(y.f.dtype).tiny
     if dynamics.damping is not None and y.q is not None:
         coast = rms(y.q) / jnp.maximum(jnp.abs(dynamics.damping), tiny)
     else:
@@ -114,12 +123,11 @@ def converged(
     evals = eigen.evals
     cond = jnp.max(evals) / jnp.min(jnp.where(eigen.null, jnp.inf, evals))
     floor = 10 * eps * jnp.minimum(cond, 1 / eps) * rms(y.f)
-    outputs_done = remaining + coast <= jnp.maximum(atol + rtol * rms(y.f), floor)
-    loss_tol = rtol**2
-    loss_done = (0.5 * gg / curvature <= loss_tol * jnp.abs(loss0)) & (
-        coast <= jnp.maximum(atol + rtol * rms(y.f), floor)
-    )
-    return outputs_done | loss_done
+    tol = jnp.maximum(atol + rtol * rms(y.f), floor)
+    outputs_done = remaining + coast <= tol
+    saturated = curvature <= rtol**0.5 * curvature0
+    loss_done = saturated & (0.5 * jnp.vdot(pg, pg) / curvature <= rtol * jnp.abs(loss0))
+    return outputs_done | (loss_done & (coast <= tol))
 
 
 class AbstractSolver(eqx.Module):
@@ -224,10 +232,11 @@ class DiffraxSolver(AbstractSolver):
 
     def converge(self, dynamics, y0, tau0, eigen, *, rtol, atol, max_steps):
         loss0 = dynamics.loss_fn(y0.f)
+        _, curvature0 = projected_gradient(dynamics, eigen, y0.f)
 
         def cond_fn(t, y, args, **kwargs):
             del args, kwargs
-            return converged(dynamics, eigen, y, loss0, rtol, atol)
+            return converged(dynamics, eigen, y, loss0, curvature0, rtol, atol)
 
         sol = self._solve(
             dynamics,
@@ -281,3 +290,5 @@ class Kvaerno5(DiffraxSolver):
 SOLVERS: dict[str, type[AbstractSolver]] = {
     cls.name: cls for cls in (Tsit5, Dopri5, Kvaerno5)
 }
+"""Solver names accepted by ``gradient_descent(..., solver=...)`` (``"expo"`` is
+registered by :mod:`ntkflow._expo`)."""
