@@ -3,15 +3,28 @@
 Every check raises an error that names the argument, says what was expected
 and shows what was received. Checks on *values* (finiteness, signs) run eagerly
 when the value is concrete and through :func:`equinox.error_if` when it is
-traced under ``jax.jit``, so they work in both settings.
+traced under ``jax.jit``, so they work in both settings: such checks return
+their (possibly wrapped) argument, which the caller must use in place of the
+original for the traced check to run.
+
+Eager checks compute under :func:`jax.ensure_compile_time_eval`, so a concrete
+value is inspected at once even while an enclosing function is being traced
+(e.g. a kernel closed over by a jitted function).
+
+Checks that need a decomposition or a host round trip (kernel symmetry and
+positive semi-definiteness, the loss at the initial outputs) run only when the
+values are concrete; under ``jit`` a bad kernel shows up as a solver failure
+(non-finite solution) instead.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,6 +36,21 @@ __all__ = [
     "check_finite",
     "check_times",
     "check_scalar_loss",
+    "check_loss",
+    "check_initial_loss",
+    "check_trace_axes",
+    "check_nonempty",
+    "check_symmetric",
+    "check_psd",
+    "check_psd_eigenvalues",
+    "check_diag_reg",
+    "check_max_steps",
+    "check_tolerance",
+    "check_ode_state",
+    "check_array",
+    "check_y_train_size",
+    "check_eps",
+    "kernel_tolerances",
     "describe",
 ]
 
@@ -37,33 +65,61 @@ def describe(x: Any) -> str:
     return text if len(text) < 80 else text[:77] + "..."
 
 
-def check_learning_rate(learning_rate: Any) -> None:
-    """``learning_rate`` must be a finite positive scalar."""
-    if is_concrete(learning_rate):
-        try:
-            value = float(np.asarray(learning_rate))
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"`learning_rate` must be a positive finite scalar; got {describe(learning_rate)}."
-            ) from None
+def _scalar(x: Any, name: str, expectation: str) -> float:
+    """``float(x)`` for a concrete real scalar, else a ``TypeError`` naming ``name``."""
+    arr = np.asarray(x) if not isinstance(x, (str, bytes)) else None
+    if arr is None or arr.shape != () or arr.dtype.kind not in "biuf":
+        raise TypeError(f"`{name}` must be {expectation}; got {describe(x)}.")
+    return float(arr)
+
+
+def _positive_scalar(x: Any, name: str) -> Any:
+    """``x`` must be a finite positive scalar (eagerly, or under ``jit``)."""
+    expectation = "a positive finite scalar"
+    if is_concrete(x):
+        value = _scalar(x, name, expectation)
         if not (math.isfinite(value) and value > 0):
-            raise ValueError(
-                f"`learning_rate` must be a positive finite scalar; got {value!r}."
-            )
+            raise ValueError(f"`{name}` must be {expectation}; got {value!r}.")
+        return x
+    x = jnp.asarray(x)
+    return eqx.error_if(
+        x, ~(jnp.isfinite(x) & (x > 0)), f"`{name}` must be {expectation}; got NaN/inf or <= 0."
+    )
 
 
-def check_momentum(momentum: Any) -> None:
+def check_learning_rate(learning_rate: Any) -> Any:
+    """``learning_rate`` must be a finite positive scalar."""
+    return _positive_scalar(learning_rate, "learning_rate")
+
+
+def check_momentum(momentum: Any) -> Any:
     """``momentum`` must be ``None`` or a scalar in ``[0, 1)``."""
-    if momentum is None or not is_concrete(momentum):
-        return
-    try:
-        value = float(np.asarray(momentum))
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"`momentum` must be None or a scalar in [0, 1); got {describe(momentum)}."
-        ) from None
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"`momentum` must be None or a scalar in [0, 1); got {value!r}.")
+    expectation = "None or a scalar in [0, 1)"
+    if momentum is None:
+        return momentum
+    if is_concrete(momentum):
+        value = _scalar(momentum, "momentum", expectation)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"`momentum` must be {expectation}; got {value!r}.")
+        return momentum
+    m = jnp.asarray(momentum)
+    return eqx.error_if(
+        m, ~((m >= 0) & (m < 1)), f"`momentum` must be {expectation}; got a value outside."
+    )
+
+
+def check_diag_reg(diag_reg: Any) -> Any:
+    """``diag_reg`` must be a finite non-negative scalar."""
+    expectation = "a finite non-negative scalar"
+    if is_concrete(diag_reg):
+        value = _scalar(diag_reg, "diag_reg", expectation)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"`diag_reg` must be {expectation}; got {value!r}.")
+        return diag_reg
+    d = jnp.asarray(diag_reg)
+    return eqx.error_if(
+        d, ~(jnp.isfinite(d) & (d >= 0)), f"`diag_reg` must be {expectation}; got NaN/inf or < 0."
+    )
 
 
 def check_finite(x: Any, name: str) -> Any:
@@ -71,9 +127,11 @@ def check_finite(x: Any, name: str) -> Any:
     if x is None:
         return x
     if is_concrete(x):
-        arr = np.asarray(x)
-        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
-            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        with jax.ensure_compile_time_eval():
+            arr = jnp.asarray(x)
+            ok = not jnp.issubdtype(arr.dtype, jnp.inexact) or bool(jnp.all(jnp.isfinite(arr)))
+            bad = 0 if ok else int(arr.size - int(jnp.count_nonzero(jnp.isfinite(arr))))
+        if not ok:
             raise ValueError(
                 f"`{name}` must be finite; got {describe(arr)} with {bad} NaN or infinite "
                 f"entr{'y' if bad == 1 else 'ies'}."
@@ -102,6 +160,29 @@ def check_times(t: Any, name: str = "t") -> Any:
     )
 
 
+def check_array(x: Any, name: str) -> Any:
+    """``x`` must be convertible to a numeric array (``TypeError`` naming ``name`` if not)."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return x
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.dtype.kind not in "biuf":
+        raise TypeError(f"`{name}` must be an array or a scalar; got {describe(x)}.")
+    return arr
+
+
+# ---------------------------------------------------------------------------
+# Loss
+
+
+def check_loss(loss: Any) -> None:
+    """``loss`` must be callable."""
+    if not callable(loss):
+        raise TypeError(f"`loss` must be a callable loss(fx, y); got {describe(loss)}.")
+
+
 def check_scalar_loss(value: Any) -> None:
     """The loss must return a scalar."""
     shape = getattr(value, "shape", ())
@@ -109,3 +190,215 @@ def check_scalar_loss(value: Any) -> None:
         raise ValueError(
             f"`loss(fx_train, y_train)` must return a scalar; got a value of shape {shape}."
         )
+
+
+def check_initial_loss(loss_fn: Callable[[Any, Any], Any], f0: Any, y: Any) -> None:
+    """``loss(fx_train_0, y_train)`` must be finite (checked eagerly, when concrete)."""
+    if not is_concrete(f0, y):
+        return
+    with jax.ensure_compile_time_eval():
+        value = loss_fn(f0, y)
+        finite = bool(jnp.isfinite(value))
+    if not finite:
+        raise ValueError(
+            "`loss(fx_train_0, y_train)` must be finite at the initial outputs; got "
+            f"{float(value)!r}. Check `loss` (e.g. a log of zero or of a negative number), "
+            "`fx_train_0` and `y_train`."
+        )
+
+
+# ---------------------------------------------------------------------------
+# Shapes and axes
+
+
+def check_trace_axes(trace_axes: Any) -> None:
+    """``trace_axes`` must be an int or a sequence of ints (ranges are checked later)."""
+    ok = isinstance(trace_axes, (int, np.integer)) or (
+        isinstance(trace_axes, Sequence) and not isinstance(trace_axes, (str, bytes))
+    )
+    if isinstance(trace_axes, Sequence) and ok:
+        ok = all(
+            isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in trace_axes
+        )
+    if not ok or isinstance(trace_axes, bool):
+        raise TypeError(
+            f"`trace_axes` must be an int or a sequence of ints; got {describe(trace_axes)}."
+        )
+
+
+def check_nonempty(shape: tuple[int, ...], name: str) -> None:
+    """An output array must have at least one dimension and at least one entry."""
+    if len(shape) == 0:
+        raise ValueError(f"`{name}` must have at least one (batch) dimension; got a scalar.")
+    if math.prod(shape) == 0:
+        raise ValueError(f"`{name}` must have at least one entry; got shape {shape}.")
+
+
+def check_ode_state(
+    state: Any,
+    momentum: Any,
+    train_shape: tuple[int, ...],
+    test_shape: tuple[int, ...] | None,
+) -> None:
+    """An ``ODEState`` passed to a predictor must fit the predictor.
+
+    ``test_shape`` is the shape of the test outputs (``None`` if unknown).
+    """
+    if momentum is None and (state.qx_train is not None or state.qx_test is not None):
+        raise ValueError(
+            "Got momentum state variables (`qx_train`/`qx_test` of the ODEState passed as "
+            "`fx_train_or_state_0`), while `momentum is None`; build the predictor with the "
+            "`momentum` the state came from, or pass `ODEState(fx_train, fx_test)`."
+        )
+    for q, f in (("qx_train", "fx_train"), ("qx_test", "fx_test")):
+        if getattr(state, q) is not None and getattr(state, f) is None:
+            raise ValueError(
+                f"The ODEState passed as `fx_train_or_state_0` has `{q}` but `{f}=None`; "
+                f"pass `{f}` too, or drop `{q}`."
+            )
+    for field, expected in (
+        ("fx_train", train_shape), ("qx_train", train_shape),
+        ("fx_test", test_shape), ("qx_test", test_shape),
+    ):
+        value = getattr(state, field)
+        if value is None or expected is None:
+            continue
+        shape = tuple(np.shape(value))
+        try:
+            ok = np.broadcast_shapes(shape, expected) == tuple(expected)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"`fx_train_or_state_0.{field}` (ODEState) must be a scalar or broadcastable "
+                f"to shape {tuple(expected)}; got shape {shape}. A state returned for an "
+                "array of times `t` has leading time axes: pick one time, e.g. "
+                "`jax.tree.map(lambda x: x[-1], state)`."
+            )
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+
+
+def kernel_tolerances(dtype: Any) -> tuple[float, float]:
+    """``(symmetry, psd)`` relative tolerances for a kernel of floating ``dtype``.
+
+    ``max|K - K^T| <= symmetry * max|K|`` and
+    ``min(eig) >= -psd * max|eig|``: ``(1e-4, 1e-3)`` up to float32,
+    ``(1e-6, 1e-6)`` in float64, never below ``(100, 1000) * eps``.
+    """
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.dtype(jnp.result_type(float))
+    eps = float(jnp.finfo(dtype).eps)
+    sym, psd = (1e-6, 1e-6) if dtype.itemsize >= 8 else (1e-4, 1e-3)
+    return max(sym, 100 * eps), max(psd, 1000 * eps)
+
+
+def check_symmetric(k: Any, name: str, dtype: Any) -> None:
+    """A flat kernel must be symmetric up to round-off (checked eagerly, when concrete).
+
+    ``dtype`` is the kernel's own floating dtype (it sets the tolerance).
+    """
+    if not is_concrete(k):
+        return
+    k = jnp.asarray(k)
+    if k.ndim != 2 or k.shape[0] != k.shape[1]:
+        raise ValueError(f"`{name}` must be square once flattened; got shape {tuple(k.shape)}.")
+    tol, _ = kernel_tolerances(dtype)
+    with jax.ensure_compile_time_eval():
+        scale = float(jnp.max(jnp.abs(k), initial=0.0))
+        asym = float(jnp.max(jnp.abs(k - k.T), initial=0.0))
+    if asym > tol * scale:
+        raise ValueError(
+            f"`{name}` must be symmetric (a kernel): max|K - K^T| must be at most {tol:g} * "
+            f"max|K| = {tol * scale:.3g}; got max|K - K^T| = {asym:.3g} (for the flattened "
+            f"kernel of shape {tuple(k.shape)}). Check the layout: neural-tangents kernels "
+            "interleave the axes of the two inputs, e.g. (n, n, k, k) rather than (n, k, n, k). "
+            "If the asymmetry is round-off from a lower precision, pass (K + K^T) / 2."
+        )
+
+
+def check_psd_eigenvalues(evals: Any, name: str, dtype: Any, hint: str = "") -> None:
+    """Eigenvalues (ascending) of a kernel must not be clearly negative.
+
+    Round-off-level negative eigenvalues (``>= -tol * max|eig|``, see
+    :func:`kernel_tolerances`) are accepted; the predictors clamp them to zero.
+    """
+    if not is_concrete(evals):
+        return
+    evals = jnp.asarray(evals)
+    if evals.size == 0:
+        return
+    _, tol = kernel_tolerances(dtype)
+    with jax.ensure_compile_time_eval():
+        lowest = float(jnp.min(evals))
+        largest = float(jnp.max(jnp.abs(evals)))
+    if lowest < -tol * largest:
+        raise ValueError(
+            f"`{name}` must be positive semi-definite (a kernel): its eigenvalues must be at "
+            f"least -{tol:g} * max|eigenvalue| = {-tol * largest:.3g}; got a most negative "
+            f"eigenvalue of {lowest:.3g} (largest magnitude {largest:.3g}).{hint}"
+        )
+
+
+def check_psd(k: Any, name: str, dtype: Any, hint: str = "") -> None:
+    """A flat kernel must be positive semi-definite up to round-off (eagerly, when concrete).
+
+    Costs one ``eigvalsh`` (O(n^3)), once per predictor.
+    """
+    if not is_concrete(k):
+        return
+    with jax.ensure_compile_time_eval():
+        k = jnp.asarray(k)
+        evals = jnp.linalg.eigvalsh(0.5 * (k + k.T))
+    check_psd_eigenvalues(evals, name, dtype, hint)
+
+
+# ---------------------------------------------------------------------------
+# Solver options and max_learning_rate
+
+
+def check_max_steps(max_steps: Any) -> int:
+    """``max_steps`` must be a positive int."""
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)):
+        raise TypeError(f"`max_steps` must be a positive int; got {describe(max_steps)}.")
+    if max_steps <= 0:
+        raise ValueError(f"`max_steps` must be a positive int; got {int(max_steps)}.")
+    return int(max_steps)
+
+
+def check_tolerance(name: str, value: Any, default: float) -> float:
+    """A solver tolerance (``rtol``/``atol``): ``None`` (default) or a positive finite float."""
+    if value is None:
+        return default
+    expectation = "None or a positive finite float"
+    if not is_concrete(value):
+        raise TypeError(f"`{name}` must be {expectation} known before tracing; got a tracer.")
+    number = _scalar(value, name, expectation)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"`{name}` must be {expectation}; got {number!r}.")
+    return number
+
+
+def check_y_train_size(y_train_size: Any, default: int) -> int:
+    """``y_train_size`` for ``max_learning_rate``: ``None`` or a positive int."""
+    if y_train_size is None:
+        return default
+    if isinstance(y_train_size, bool) or not isinstance(y_train_size, (int, np.integer)):
+        raise TypeError(
+            f"`y_train_size` must be None or a positive int; got {describe(y_train_size)}."
+        )
+    if y_train_size <= 0:
+        raise ValueError(f"`y_train_size` must be None or a positive int; got {y_train_size}.")
+    return int(y_train_size)
+
+
+def check_eps(eps: Any) -> float:
+    """``eps`` for ``max_learning_rate``: a finite non-negative scalar."""
+    expectation = "a finite non-negative scalar"
+    value = _scalar(eps, "eps", expectation)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"`eps` must be {expectation}; got {value!r}.")
+    return value

@@ -26,6 +26,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike
 
 from ntkflow import _checks
+from ntkflow._auto import AUTO, choose_solver, largest_eigenvalue
 from ntkflow._axes import (
     Layout,
     kernel_rows_shapes,
@@ -34,17 +35,27 @@ from ntkflow._axes import (
     outputs_from_2d,
     outputs_to_2d,
 )
+from ntkflow._discrete import (
+    DiscreteState,
+    gradient_descent_discrete,
+    gradient_descent_mse_discrete,
+)
 from ntkflow._dynamics import Dynamics, FlatLoss
 from ntkflow._eigen import Eigen, add_diagonal_regularizer
+from ntkflow._expo import Expo
 from ntkflow._mse import MSEFlow
 from ntkflow._ode import solve_at
 from ntkflow._solvers import FAILURE_MESSAGES, SOLVERS, AbstractSolver, SolveInfo
 from ntkflow._typing import float_dtype, is_concrete
 
 __all__ = [
+    "SOLVERS",
+    "DiscreteState",
     "ODEState",
     "gradient_descent",
+    "gradient_descent_discrete",
     "gradient_descent_mse",
+    "gradient_descent_mse_discrete",
     "max_learning_rate",
 ]
 
@@ -84,16 +95,16 @@ class _Boundary:
         if not hasattr(k_train_train, "shape"):
             k_train_train = np.asarray(k_train_train)
         self.y_shape = tuple(int(s) for s in y_train.shape)
-        if len(self.y_shape) == 0:
-            raise ValueError(
-                "`y_train` must have at least one (batch) dimension; got a scalar."
-            )
+        _checks.check_nonempty(self.y_shape, "y_train")
+        _checks.check_trace_axes(trace_axes)
         self.layout: Layout = make_layout(self.y_shape, trace_axes)
         self.rows_shape = self.layout.rows_shape(self.y_shape)
         kernel_rows_shapes(
             k_train_train.shape, "k_train_train", self.rows_shape, self.rows_shape, self.layout
         )
         self.dtype = float_dtype(k_train_train, y_train)
+        #: The kernel's own precision (sets the symmetry / PSD tolerances).
+        self.k_dtype = float_dtype(k_train_train)
         self.k = kernel_to_2d(jnp.asarray(k_train_train, self.dtype))
         self.y = jnp.asarray(y_train, self.dtype)
 
@@ -109,7 +120,7 @@ class _Boundary:
     def to_flat(self, x: ArrayLike, rows_shape: tuple[int, ...], name: str) -> Array:
         """Broadcast ``x`` to the outputs' shape and flatten it."""
         shape = self.layout.output_shape(rows_shape)
-        x = jnp.asarray(x)
+        x = jnp.asarray(_checks.check_array(x, name))
         try:
             x = jnp.broadcast_to(x, shape)
         except ValueError:
@@ -148,6 +159,16 @@ def _check_predict_inputs(fx_train_or_state_0: Any, fx_test_0: Any, k_test_train
             "To get predictions on the test set, pass `k_test_train` (the test-train kernel); "
             f"got `fx_test_0` ({_checks.describe(fx_test_0)}) but `k_test_train=None`."
         )
+
+
+_PSD_HINT = (
+    " Negative eigenvalues make gradient flow diverge. Check how the kernel was computed "
+    "(layout, precision); to regularize it, pass `k_train_train + c * I` for a small c > 0."
+)
+_PSD_HINT_MSE = (
+    " (This is the kernel after adding `diag_reg`.) Negative eigenvalues make gradient flow "
+    "diverge. Check how the kernel was computed (layout, precision), or pass a `diag_reg` > 0."
+)
 
 
 def _times(t: Any, dtype: np.dtype) -> Array:
@@ -228,11 +249,14 @@ def gradient_descent_mse(
       >>> predict_fn(t=[0.0, 1.0]).shape
       (2, 2, 1)
     """
-    _checks.check_learning_rate(learning_rate)
+    learning_rate = _checks.check_learning_rate(learning_rate)
+    diag_reg = _checks.check_diag_reg(diag_reg)
     b = _Boundary(k_train_train, y_train, trace_axes)
-    _checks.check_finite(b.k, "k_train_train")
-    _checks.check_finite(b.y, "y_train")
+    b.k = _checks.check_finite(b.k, "k_train_train")
+    b.y = _checks.check_finite(b.y, "y_train")
+    _checks.check_symmetric(b.k, "k_train_train", b.k_dtype)
     k = add_diagonal_regularizer(b.k, diag_reg, diag_reg_absolute_scale)
+    _checks.check_psd(k, "k_train_train", b.k_dtype, _PSD_HINT_MSE)
     flow = MSEFlow(Eigen.of(k), math.prod(b.y_shape))
     y_flat = outputs_to_2d(b.y, b.layout)
     lr = learning_rate
@@ -249,7 +273,7 @@ def gradient_descent_mse(
         t_shape = tuple(tau.shape)
         tau = tau.reshape(-1)
         f0 = b.to_flat(0.0 if fx_train_0 is None else fx_train_0, b.rows_shape, "fx_train_0")
-        _checks.check_finite(f0, "fx_train_0")
+        f0 = _checks.check_finite(f0, "fx_train_0")
         r0 = f0 - y_flat
         out_train = out_test = None
         if fx_train_0 is not None:
@@ -258,7 +282,9 @@ def gradient_descent_mse(
             assert k_test_train is not None
             test_rows = b.test_rows_shape(k_test_train)
             ft0 = b.to_flat(fx_test_0, test_rows, "fx_test_0")
-            delta = flow.test_delta(tau, r0, b.flat_kernel(k_test_train))
+            ft0 = _checks.check_finite(ft0, "fx_test_0")
+            kt = _checks.check_finite(b.flat_kernel(k_test_train), "k_test_train")
+            delta = flow.test_delta(tau, r0, kt)
             out_test = b.from_flat(ft0[None] + delta, test_rows, t_shape)
         if out_test is None:
             return out_train
@@ -278,13 +304,11 @@ def _default_tolerances(dtype: np.dtype) -> tuple[float, float]:
     return (1.4e-8, 1.4e-8) if np.dtype(dtype).itemsize >= 8 else (1e-6, 1e-6)
 
 
-def _resolve_solver(solver: str | AbstractSolver) -> AbstractSolver:
+def _resolve_solver(solver: str | AbstractSolver) -> AbstractSolver | str:
     if isinstance(solver, AbstractSolver):
         return solver
-    if isinstance(solver, str) and solver == "auto":
-        from ntkflow._auto import Auto
-
-        return Auto()
+    if isinstance(solver, str) and solver == AUTO:
+        return AUTO
     if isinstance(solver, str) and solver in SOLVERS:
         return SOLVERS[solver]()
     raise ValueError(
@@ -339,8 +363,11 @@ def gradient_descent(
       momentum: momentum scalar in ``[0, 1)``, or ``None`` for plain gradient descent.
       trace_axes: output axes along which the kernel is :math:`\Theta \otimes I`.
       solver: keyword-only. ``"auto"`` (default), a name from
-        ``ntkflow.predict.SOLVERS`` or a solver instance. See :mod:`ntkflow._auto`
-        for how ``"auto"`` chooses.
+        ``ntkflow.predict.SOLVERS`` (``"expo"``: exponential integrator in the
+        kernel's eigenbasis, for stiff problems, no momentum; ``"tsit5"``,
+        ``"dopri5"``: explicit; ``"kvaerno5"``: implicit, small problems) or a
+        solver instance. ``"auto"`` picks ``"expo"`` for stiff requests and
+        ``t = inf`` and ``"tsit5"`` otherwise; see :mod:`ntkflow._auto`.
       rtol, atol: keyword-only tolerances of the adaptive solver (default
         ``1.4e-8`` in float64, as neural-tangents; ``1e-6`` in float32).
       max_steps: keyword-only; the solver gives up (with an error) after this
@@ -366,19 +393,28 @@ def gradient_descent(
       >>> bool(fx[1, 0, 0] > fx[1, 0, 1])
       True
     """
-    if not callable(loss):
-        raise TypeError(f"`loss` must be a callable loss(fx, y); got {_checks.describe(loss)}.")
-    _checks.check_learning_rate(learning_rate)
-    _checks.check_momentum(momentum)
+    _checks.check_loss(loss)
+    learning_rate = _checks.check_learning_rate(learning_rate)
+    momentum = _checks.check_momentum(momentum)
     b = _Boundary(k_train_train, y_train, trace_axes)
-    _checks.check_finite(b.k, "k_train_train")
-    _checks.check_finite(b.y, "y_train")
+    b.k = _checks.check_finite(b.k, "k_train_train")
+    b.y = _checks.check_finite(b.y, "y_train")
+    _checks.check_symmetric(b.k, "k_train_train", b.k_dtype)
+    _checks.check_psd(b.k, "k_train_train", b.k_dtype, _PSD_HINT)
     solver_obj = _resolve_solver(solver)
+    if momentum is not None and isinstance(solver_obj, Expo):
+        raise ValueError(
+            "`solver='expo'` integrates plain gradient descent only (momentum=None); got "
+            f"momentum={momentum!r}. Use solver='auto' or 'tsit5'."
+        )
+    # Visible precomputation: the eigendecomposition for the exponential integrator, and
+    # the largest eigenvalue for the `auto` choice (a few power iterations).
+    eigen = Eigen.of(b.k) if isinstance(solver_obj, Expo) else None
+    lam_max = largest_eigenvalue(b.k) if solver_obj == AUTO else None
     default_rtol, default_atol = _default_tolerances(b.dtype)
-    rtol_ = default_rtol if rtol is None else float(rtol)
-    atol_ = default_atol if atol is None else float(atol)
-    if not max_steps or int(max_steps) <= 0:
-        raise ValueError(f"`max_steps` must be a positive integer; got {max_steps!r}.")
+    rtol_ = _checks.check_tolerance("rtol", rtol, default_rtol)
+    atol_ = _checks.check_tolerance("atol", atol, default_atol)
+    max_steps = _checks.check_max_steps(max_steps)
 
     flat_loss = b.flat_loss(loss)
     _checks.check_scalar_loss(jax.eval_shape(flat_loss.value, outputs_to_2d(b.y, b.layout), b.y))
@@ -406,41 +442,53 @@ def gradient_descent(
             fx_train_0, fx_test_0, qx_train_0, qx_test_0 = (
                 state.fx_train, state.fx_test, state.qx_train, state.qx_test
             )
-            if momentum is None and (qx_train_0 is not None or qx_test_0 is not None):
-                raise ValueError(
-                    "Got momentum state variables (`qx_train`/`qx_test` of the ODEState), "
-                    "while `momentum is None`."
-                )
         else:
             fx_train_0, qx_train_0, qx_test_0 = fx_train_or_state_0, None, None
+        with_test = fx_test_0 is not None
+        test_rows = None
+        if with_test:
+            assert k_test_train is not None
+            test_rows = b.test_rows_shape(k_test_train)
+        if isinstance(fx_train_or_state_0, ODEState):
+            test_shape = None if test_rows is None else b.layout.output_shape(test_rows)
+            _checks.check_ode_state(fx_train_or_state_0, momentum, b.y_shape, test_shape)
 
         tau = _times(t, b.dtype) * scale
         t_shape = tuple(tau.shape)
         tau = tau.reshape(-1)
 
         f0 = b.to_flat(0.0 if fx_train_0 is None else fx_train_0, b.rows_shape, "fx_train_0")
-        _checks.check_finite(f0, "fx_train_0")
+        f0 = _checks.check_finite(f0, "fx_train_0")
+        _checks.check_initial_loss(flat_loss.value, f0, b.y)
         q0 = None if qx_train_0 is None else b.to_flat(qx_train_0, b.rows_shape, "qx_train")
-        with_test = fx_test_0 is not None
-        dyn = Dynamics(b.k.astype(f0.dtype), flat_loss, b.y, damping, with_test)
+        q0 = _checks.check_finite(q0, "qx_train")
+        if with_test:
+            assert k_test_train is not None and fx_test_0 is not None and test_rows is not None
+            ft0 = b.to_flat(fx_test_0, test_rows, "fx_test_0")
+            ft0 = _checks.check_finite(ft0, "fx_test_0")
+            qt0 = None if qx_test_0 is None else b.to_flat(qx_test_0, test_rows, "qx_test")
+            qt0 = _checks.check_finite(qt0, "qx_test")
+            kt = _checks.check_finite(b.flat_kernel(k_test_train), "k_test_train")
+        dyn = Dynamics(b.k.astype(f0.dtype), flat_loss, b.y, damping, with_test, eigen)
         y0 = dyn.initial_state(f0, q0)
+        chosen = solver_obj
+        if isinstance(chosen, str):
+            assert lam_max is not None
+            chosen = choose_solver(dyn, y0, tau, lam_max)
+            if isinstance(chosen, Expo):
+                eigen_now = Eigen.of(dyn.k)
+                dyn = Dynamics(dyn.k, flat_loss, b.y, damping, with_test, eigen_now)
         infinite = bool(jnp.any(jnp.isinf(tau))) if is_concrete(tau) else None
         ys, info = solve_at(
-            dyn, y0, tau.astype(f0.dtype), solver_obj, rtol_, atol_, max_steps, infinite
+            dyn, y0, tau.astype(f0.dtype), chosen, rtol_, atol_, max_steps, infinite
         )
 
         fx_train_t = b.from_flat(ys.f, b.rows_shape, t_shape)
         qx_train_t = None if ys.q is None else b.from_flat(ys.q, b.rows_shape, t_shape)
         fx_test_t = qx_test_t = None
         if with_test:
-            assert k_test_train is not None and fx_test_0 is not None
-            test_rows = b.test_rows_shape(k_test_train)
-            ft0 = b.to_flat(fx_test_0, test_rows, "fx_test_0")
-            _checks.check_finite(ft0, "fx_test_0")
-            qt0 = None if qx_test_0 is None else b.to_flat(qx_test_0, test_rows, "qx_test")
-            ft, qt = dyn.test_outputs(
-                tau.astype(f0.dtype), ys, ft0, qt0, b.flat_kernel(k_test_train)
-            )
+            assert test_rows is not None
+            ft, qt = dyn.test_outputs(tau.astype(f0.dtype), ys, ft0, qt0, kt)
             fx_test_t = b.from_flat(ft, test_rows, t_shape)
             if qt is not None:
                 qx_test_t = b.from_flat(qt, test_rows, t_shape)
@@ -497,7 +545,9 @@ def max_learning_rate(
       >>> round(nt.predict.max_learning_rate(jnp.array([[2.0, 0.0], [0.0, 1.0]])), 6)
       2.0
     """
-    k = jnp.asarray(ntk_train_train)
+    k = jnp.asarray(_checks.check_array(ntk_train_train, "ntk_train_train"))
+    k_dtype = float_dtype(k)
+    k = k.astype(k_dtype)
     if k.ndim % 2 or k.ndim == 0:
         raise ValueError(
             "`ntk_train_train` must have an even number of (interleaved) dimensions; got "
@@ -509,6 +559,10 @@ def max_learning_rate(
             f"`ntk_train_train` must be square once flattened; got shape {tuple(k.shape)}."
         )
     _checks.check_finite(k, "ntk_train_train")
-    factor = k.shape[0] if y_train_size is None else y_train_size
-    max_eva = jnp.linalg.eigvalsh(0.5 * (k + k.T))[-1]
-    return float(2 * (1 + momentum) * factor / (max_eva + eps))
+    _checks.check_symmetric(k, "ntk_train_train", k_dtype)
+    factor = _checks.check_y_train_size(y_train_size, k.shape[0])
+    momentum = 0.0 if momentum is None else _checks.check_momentum(momentum)
+    eps = _checks.check_eps(eps)
+    evals = jnp.linalg.eigvalsh(0.5 * (k + k.T))
+    _checks.check_psd_eigenvalues(evals, "ntk_train_train", k_dtype)
+    return float(2 * (1 + momentum) * factor / (evals[-1] + eps))
