@@ -15,7 +15,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m ntkflow demo
 
-test: lint typecheck pytest pytest-x64
+# Lint, type check, then the suite in float32 and float64, the two precisions in parallel
+# (each run is mostly single-threaded compilation); each log is printed when both are done.
+test: lint typecheck
+	@rm -f .pytest-f32.log .pytest-f64.log
+	@$(MAKE) --no-print-directory pytest > .pytest-f32.log 2>&1 & p32=$$!; \
+	$(MAKE) --no-print-directory pytest-x64 > .pytest-f64.log 2>&1; s64=$$?; \
+	wait $$p32; s32=$$?; \
+	echo "== float32 (JAX_ENABLE_X64=0) =="; cat .pytest-f32.log; \
+	echo "== float64 (JAX_ENABLE_X64=1) =="; cat .pytest-f64.log; \
+	test $$s32 -eq 0 && test $$s64 -eq 0
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

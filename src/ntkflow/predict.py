@@ -519,6 +519,8 @@ def max_learning_rate(
     y_train_size: int | None = None,
     momentum: float = 0.0,
     eps: float = 1e-12,
+    *,
+    nesterov: bool = False,
 ) -> float:
     r"""The maximal feasible learning rate for (full-batch) gradient descent on MSE.
 
@@ -526,7 +528,10 @@ def max_learning_rate(
     stable while :math:`I - \eta K / \text{size}` is a contraction, i.e. for
     :math:`\eta < 2\,\text{size} / \lambda_\max(K)`; with momentum the bound is
     :math:`2 (1 + m)\, \text{size} / \lambda_\max(K)` ("Why Momentum Really
-    Works", Goh 2017). Works with any kernel layout (it is flattened to 2-D) and on
+    Works", Goh 2017). With Nesterov momentum (``nesterov=True``, keyword-only,
+    an addition to neural-tangents' signature) the bound is
+    :math:`\frac{2 (1 + m)}{1 + 2m}\, \text{size} / \lambda_\max(K)`: the plain
+    momentum bound would diverge. Works with any kernel layout (it is flattened to 2-D) and on
     any device (``jnp.linalg.eigvalsh``).
 
     Args:
@@ -565,4 +570,5 @@ def max_learning_rate(
     eps = _checks.check_eps(eps)
     evals = jnp.linalg.eigvalsh(0.5 * (k + k.T))
     _checks.check_psd_eigenvalues(evals, "ntk_train_train", k_dtype)
-    return float(2 * (1 + momentum) * factor / (evals[-1] + eps))
+    bound = 2 * (1 + momentum) / (1 + 2 * momentum) if nesterov else 2 * (1 + momentum)
+    return float(bound * factor / (evals[-1] + eps))
