@@ -116,7 +116,6 @@ def test_cross_entropy_infinite_time_is_finite_and_best():
 def test_trace_axes_match_full_kernel(shape, trace_axes):
     """A kernel with traced axes equals the full kernel Theta (x) I with trace_axes=()."""
     key = jax.random.PRNGKey(1)
-    n = shape[0]
     ndim = len(shape)
     axes = tuple(a % ndim for a in trace_axes)
     kept = [a for a in range(ndim) if a not in axes]
@@ -126,7 +125,8 @@ def test_trace_axes_match_full_kernel(shape, trace_axes):
     kept_shape = tuple(shape[a] for a in kept)
     # Interleaved kernel for the traced layout.
     k_int = theta.reshape(kept_shape + kept_shape)
-    perm = [i for pair in zip(range(len(kept)), range(len(kept), 2 * len(kept))) for i in pair]
+    nk = len(kept)
+    perm = [i for pair in zip(range(nk), range(nk, 2 * nk), strict=True) for i in pair]
     k_int = jnp.transpose(k_int, perm)
     # Full kernel over all output entries: Theta (x) I_traced, in the (kept..., traced...) order.
     full = jnp.kron(theta, jnp.eye(traced, dtype=DTYPE))
@@ -135,7 +135,8 @@ def test_trace_axes_match_full_kernel(shape, trace_axes):
     full = full.reshape(full_shape + full_shape)
     inv = np.argsort(order)
     full = jnp.transpose(full, list(inv) + [ndim + i for i in inv])
-    full = jnp.transpose(full, [i for pair in zip(range(ndim), range(ndim, 2 * ndim)) for i in pair])
+    interleave = [i for pair in zip(range(ndim), range(ndim, 2 * ndim), strict=True) for i in pair]
+    full = jnp.transpose(full, interleave)
     y = jax.random.normal(jax.random.PRNGKey(2), shape, DTYPE)
     t = jnp.array([0.5, 4.0])
     for fn in (lambda k, ax: nt.predict.gradient_descent(log_cosh, k, y, 1.0, None, ax)(t),
@@ -153,7 +154,7 @@ def test_ode_state_resume_continues_trajectory():
     assert isinstance(s1, nt.predict.ODEState) and s1.qx_train is not None
     s2 = predict(3.0, s1, k_test_train=k_st)
     s_direct = predict(5.0, nt.predict.ODEState(f0, ft0), k_test_train=k_st)
-    for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(s_direct)):
+    for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(s_direct), strict=True):
         np.testing.assert_allclose(a, b, rtol=50 * TOL["rtol"], atol=50 * TOL["atol"])
     with pytest.raises(ValueError, match="momentum"):
         nt.predict.gradient_descent(log_cosh, k_tt, y)(1.0, s1, k_test_train=k_st)
@@ -165,7 +166,7 @@ def test_jit_grad_vmap():
     t = jnp.array([0.5, 2.0])
     eager = predict(t, f0, ft0, k_st)
     jitted = jax.jit(predict)(t, f0, ft0, k_st)
-    for a, b in zip(eager, jitted):
+    for a, b in zip(eager, jitted, strict=True):
         np.testing.assert_allclose(a, b, rtol=10 * TOL["rtol"], atol=10 * TOL["atol"])
     vm = jax.vmap(lambda s: predict(s, f0))(t)
     np.testing.assert_allclose(vm, eager[0], rtol=50 * TOL["rtol"], atol=50 * TOL["atol"])
@@ -192,7 +193,7 @@ def test_lr_times_t_is_all_that_matters_without_momentum():
     k_tt, k_st, y, f0, ft0 = _problem()
     a = nt.predict.gradient_descent(log_cosh, k_tt, y, 2.0)(1.5, f0, ft0, k_st)
     b = nt.predict.gradient_descent(log_cosh, k_tt, y, 0.5)(6.0, f0, ft0, k_st)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         np.testing.assert_allclose(u, v, rtol=50 * TOL["rtol"], atol=50 * TOL["atol"])
 
 

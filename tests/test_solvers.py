@@ -9,8 +9,8 @@ import pytest
 
 import ntkflow as nt
 from ntkflow._auto import choose_solver, largest_eigenvalue
-from ntkflow._dynamics import Dynamics, FlatLoss
 from ntkflow._axes import make_layout
+from ntkflow._dynamics import Dynamics, FlatLoss
 from ntkflow._expo import Expo
 from ntkflow._solvers import Tsit5
 from tests.conftest import DTYPE, TOL, X64, rel_err
@@ -38,7 +38,7 @@ def test_mse_every_solver_matches_closed_form(solver):
     ts = jnp.array([0.0, 3.0, 30.0, 300.0])
     exact = nt.predict.gradient_descent_mse(k_tt, y)(ts, f0, ft0, k_st)
     got = nt.predict.gradient_descent(mse, k_tt, y, solver=solver)(ts, f0, ft0, k_st)
-    for a, b in zip(got, exact):
+    for a, b in zip(got, exact, strict=True):
         assert rel_err(a, b) < 100 * TOL["rtol"], solver
 
 
@@ -48,7 +48,7 @@ def test_expo_reaches_long_horizons_and_infinity_on_stiff_mse():
     exact = nt.predict.gradient_descent_mse(k_tt, y)(ts, f0, ft0, k_st)
     predict = nt.predict.gradient_descent(mse, k_tt, y, solver="expo", max_steps=2000)
     got = predict(ts, f0, ft0, k_st)
-    for a, b in zip(got, exact):
+    for a, b in zip(got, exact, strict=True):
         assert rel_err(a, b) < (1e-6 if X64 else 5e-3)
 
 
@@ -60,7 +60,7 @@ def test_expo_matches_tight_explicit_solve_for_nonquadratic_loss():
     ref = nt.predict.gradient_descent(log_cosh, k_tt, y, solver="tsit5", **tight)(
         ts, f0, ft0, k_st)
     got = nt.predict.gradient_descent(log_cosh, k_tt, y, solver="expo")(ts, f0, ft0, k_st)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         assert rel_err(a, b) < (1e-6 if X64 else 5e-3)
 
 
@@ -70,7 +70,7 @@ def test_cross_entropy_expo_and_tsit5_agree():
     ts = jnp.array([1.0, 20.0, 200.0])
     a = nt.predict.gradient_descent(cross_entropy, k_tt, y, solver="expo")(ts, f0, ft0, k_st)
     b = nt.predict.gradient_descent(cross_entropy, k_tt, y, solver="tsit5")(ts, f0, ft0, k_st)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         assert rel_err(u, v) < (1e-5 if X64 else 5e-3)
 
 
@@ -84,10 +84,27 @@ def test_solver_that_gives_up_says_so():
         predict(1e4, f0)
 
 
-def test_expo_rejects_momentum():
-    k_tt, _, y, _, _ = _stiff_problem()
-    with pytest.raises(ValueError, match="momentum"):
-        nt.predict.gradient_descent(mse, k_tt, y, 1.0, 0.9, solver="expo")
+@pytest.mark.parametrize("loss", [mse, log_cosh], ids=["mse", "logcosh"])
+def test_expo_with_momentum_matches_tight_explicit_solve(loss):
+    k_tt, k_st, y, f0, ft0 = _stiff_problem(cond=1e2)
+    ts = jnp.array([0.5, 3.0, 20.0])
+    tight = dict(rtol=1e-11, atol=1e-11) if X64 else {}
+    ref = nt.predict.gradient_descent(loss, k_tt, y, 0.5, 0.9, solver="tsit5", **tight)
+    got = nt.predict.gradient_descent(loss, k_tt, y, 0.5, 0.9, solver="expo")
+    for a, b in zip(got(ts, f0, ft0, k_st), ref(ts, f0, ft0, k_st), strict=True):
+        assert rel_err(a, b) < (1e-6 if X64 else 5e-3)
+    state0 = nt.predict.ODEState(f0, ft0)
+    got_state, ref_state = got(3.0, state0, k_test_train=k_st), ref(3.0, state0, k_test_train=k_st)
+    for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(ref_state), strict=True):
+        assert rel_err(a, b) < (1e-6 if X64 else 5e-3)
+
+
+def test_expo_with_momentum_reaches_the_end_of_training():
+    k_tt, k_st, y, f0, ft0 = _stiff_problem(cond=1e3)
+    exact = nt.predict.gradient_descent_mse(k_tt, y)(None, f0, ft0, k_st)
+    got = nt.predict.gradient_descent(mse, k_tt, y, 0.5, 0.9, solver="expo")(None, f0, ft0, k_st)
+    for a, b in zip(got, exact, strict=True):
+        assert rel_err(a, b) < (1e-6 if X64 else 5e-3)
 
 
 def test_auto_choice_is_explicit():
@@ -101,4 +118,5 @@ def test_auto_choice_is_explicit():
     assert isinstance(choose_solver(dyn, y0, jnp.array([1e6]), lam), Expo)
     assert isinstance(choose_solver(dyn, y0, jnp.array([1.0, jnp.inf]), lam), Expo)
     with_momentum = Dynamics(k_tt, dyn.loss, y, jnp.asarray(-0.1, DTYPE), False)
-    assert isinstance(choose_solver(with_momentum, y0, jnp.array([1e6]), lam), Tsit5)
+    assert isinstance(choose_solver(with_momentum, y0, jnp.array([1e-3]), lam), Tsit5)
+    assert isinstance(choose_solver(with_momentum, y0, jnp.array([1e6]), lam), Expo)

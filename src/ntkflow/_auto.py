@@ -2,7 +2,9 @@ r"""The ``solver="auto"`` choice, explicit and documented.
 
 Let :math:`S = c_0\,\lambda_\max\,\tau_\max` be the stiffness of a request:
 the number of the fastest time scales of gradient flow spanned by the
-requested horizon :math:`\tau_\max` (``learning_rate * max(t)``), with
+requested horizon :math:`\tau_\max` (``learning_rate * max(t)``; with
+momentum :math:`S = \tau_\max \max(|d|, \sqrt{c_0 \lambda_\max})`, the
+fastest damping and oscillation rates of the heavy-ball system), with
 :math:`\lambda_\max` the largest eigenvalue of the kernel (a few power
 iterations, once per predictor) and :math:`c_0` the loss curvature along the
 initial gradient (a Hessian-vector product). An explicit method needs at least
@@ -10,8 +12,7 @@ about :math:`S / 3.3` steps (its stability limit) of 6 kernel products each;
 the exponential integrator needs one ``eigh`` (about ``n`` kernel products)
 and a few dozen steps. So ``auto`` picks
 
-* ``"tsit5"`` with momentum (the exponential integrator covers plain
-  gradient descent only), for non-stiff requests, :math:`S \le 0.55\,n +
+* ``"tsit5"`` for non-stiff requests, :math:`S \le 0.55\,n +
   100`, and when ``t`` or the initial outputs are traced (under ``jax.jit``,
   ``jax.grad``, ``jax.vmap``: the horizon is unknown, and diffrax's solvers
   are reverse-mode differentiable while the exponential integrator's
@@ -55,7 +56,10 @@ def stiffness(dynamics: Dynamics, y0: FlatState, tau_max: Array, lam_max: Array)
     _, hg = jax.jvp(dynamics.grad_fn, (y0.f,), (g,))
     gg = jnp.vdot(g, g)
     c0 = jnp.where(gg > 0, jnp.vdot(g, hg) / jnp.where(gg > 0, gg, 1.0), 0.0)
-    return jnp.maximum(c0, 0.0) * lam_max * tau_max
+    rate = jnp.maximum(c0, 0.0) * lam_max
+    if dynamics.damping is not None:
+        rate = jnp.maximum(jnp.abs(dynamics.damping), jnp.sqrt(rate))
+    return rate * tau_max
 
 
 def choose_solver(
@@ -64,8 +68,6 @@ def choose_solver(
     """The solver ``auto`` uses for this request (see the module docstring)."""
     from ntkflow._expo import Expo
 
-    if dynamics.momentum:
-        return Tsit5()
     if not is_concrete(taus, y0.f, lam_max):
         return Tsit5()
     if bool(jnp.any(jnp.isinf(taus))):

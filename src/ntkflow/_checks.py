@@ -55,6 +55,28 @@ __all__ = [
 ]
 
 
+# Eager checks run these small compiled programs (one compilation per shape and
+# dtype) rather than op by op, which would compile every operation separately.
+
+
+@jax.jit
+def _count_nonfinite(x: Any) -> Any:
+    return jnp.sum(~jnp.isfinite(x))
+
+
+@jax.jit
+def _symmetry_stats(k: Any) -> tuple[Any, Any]:
+    """``(max|K|, max|K - K^T|)``."""
+    return jnp.max(jnp.abs(k)), jnp.max(jnp.abs(k - k.T))
+
+
+@jax.jit
+def _eigenvalue_range(k: Any) -> tuple[Any, Any]:
+    """``(min eig, max |eig|)`` of the symmetric part of ``k``."""
+    evals = jnp.linalg.eigvalsh(0.5 * (k + k.T))
+    return jnp.min(evals), jnp.max(jnp.abs(evals))
+
+
 def describe(x: Any) -> str:
     """A short description of a received value for error messages."""
     if x is None:
@@ -127,11 +149,12 @@ def check_finite(x: Any, name: str) -> Any:
     if x is None:
         return x
     if is_concrete(x):
-        with jax.ensure_compile_time_eval():
-            arr = jnp.asarray(x)
-            ok = not jnp.issubdtype(arr.dtype, jnp.inexact) or bool(jnp.all(jnp.isfinite(arr)))
-            bad = 0 if ok else int(arr.size - int(jnp.count_nonzero(jnp.isfinite(arr))))
-        if not ok:
+        arr = jnp.asarray(x)
+        bad = 0
+        if jnp.issubdtype(arr.dtype, jnp.inexact) and arr.size:
+            with jax.ensure_compile_time_eval():
+                bad = int(_count_nonfinite(arr))
+        if bad:
             raise ValueError(
                 f"`{name}` must be finite; got {describe(arr)} with {bad} NaN or infinite "
                 f"entr{'y' if bad == 1 else 'ies'}."
@@ -170,7 +193,7 @@ def check_array(x: Any, name: str) -> Any:
         arr = None
     if arr is None or arr.dtype.kind not in "biuf":
         raise TypeError(f"`{name}` must be an array or a scalar; got {describe(x)}.")
-    return arr
+    return x  # unchanged: Python scalars stay weakly typed
 
 
 # ---------------------------------------------------------------------------
@@ -307,9 +330,10 @@ def check_symmetric(k: Any, name: str, dtype: Any) -> None:
     if k.ndim != 2 or k.shape[0] != k.shape[1]:
         raise ValueError(f"`{name}` must be square once flattened; got shape {tuple(k.shape)}.")
     tol, _ = kernel_tolerances(dtype)
+    if k.size == 0:
+        return
     with jax.ensure_compile_time_eval():
-        scale = float(jnp.max(jnp.abs(k), initial=0.0))
-        asym = float(jnp.max(jnp.abs(k - k.T), initial=0.0))
+        scale, asym = (float(v) for v in _symmetry_stats(k))
     if asym > tol * scale:
         raise ValueError(
             f"`{name}` must be symmetric (a kernel): max|K - K^T| must be at most {tol:g} * "
@@ -331,10 +355,15 @@ def check_psd_eigenvalues(evals: Any, name: str, dtype: Any, hint: str = "") -> 
     evals = jnp.asarray(evals)
     if evals.size == 0:
         return
-    _, tol = kernel_tolerances(dtype)
     with jax.ensure_compile_time_eval():
-        lowest = float(jnp.min(evals))
-        largest = float(jnp.max(jnp.abs(evals)))
+        lowest, largest = float(jnp.min(evals)), float(jnp.max(jnp.abs(evals)))
+    _check_eigenvalue_range(lowest, largest, name, dtype, hint)
+
+
+def _check_eigenvalue_range(
+    lowest: float, largest: float, name: str, dtype: Any, hint: str
+) -> None:
+    _, tol = kernel_tolerances(dtype)
     if lowest < -tol * largest:
         raise ValueError(
             f"`{name}` must be positive semi-definite (a kernel): its eigenvalues must be at "
@@ -350,10 +379,12 @@ def check_psd(k: Any, name: str, dtype: Any, hint: str = "") -> None:
     """
     if not is_concrete(k):
         return
+    k = jnp.asarray(k)
+    if k.size == 0:
+        return
     with jax.ensure_compile_time_eval():
-        k = jnp.asarray(k)
-        evals = jnp.linalg.eigvalsh(0.5 * (k + k.T))
-    check_psd_eigenvalues(evals, name, dtype, hint)
+        lowest, largest = (float(v) for v in _eigenvalue_range(k))
+    _check_eigenvalue_range(lowest, largest, name, dtype, hint)
 
 
 # ---------------------------------------------------------------------------

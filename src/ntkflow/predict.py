@@ -402,11 +402,6 @@ def gradient_descent(
     _checks.check_symmetric(b.k, "k_train_train", b.k_dtype)
     _checks.check_psd(b.k, "k_train_train", b.k_dtype, _PSD_HINT)
     solver_obj = _resolve_solver(solver)
-    if momentum is not None and isinstance(solver_obj, Expo):
-        raise ValueError(
-            "`solver='expo'` integrates plain gradient descent only (momentum=None); got "
-            f"momentum={momentum!r}. Use solver='auto' or 'tsit5'."
-        )
     # Visible precomputation: the eigendecomposition for the exponential integrator, and
     # the largest eigenvalue for the `auto` choice (a few power iterations).
     eigen = Eigen.of(b.k) if isinstance(solver_obj, Expo) else None

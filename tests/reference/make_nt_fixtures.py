@@ -352,25 +352,23 @@ def make_predict_fixtures():
 
     # gradient_descent: losses x t shapes x modes x trace_axes x momentum.
     gd = [
-        dict(name="gd_xent_grid_train_test_lr0.5", seed=3, loss="cross_entropy",
-             y_shape=(n, 4), trace_axes=(-1,), t=grid, mode="train_test", learning_rate=0.5),
-        dict(name="gd_logcosh_t2d_test_lr2", seed=4, loss="log_cosh", y_shape=(n, 3),
-             trace_axes=(-1,), t=grid_2d, mode="test", learning_rate=2.0),
-        dict(name="gd_xent_nd_trace_last_lr2", seed=6, loss="cross_entropy",
-             y_shape=(n, 3, 4), trace_axes=(-1,), t=grid, mode="train_test",
-             learning_rate=2.0),
-        dict(name="gd_logcosh_nd_trace1_momentum_lr2", seed=7, loss="log_cosh",
-             y_shape=(n, 3, 4), trace_axes=(1,), t=2.0, mode="train_test",
-             learning_rate=2.0, momentum=0.9),
-        dict(name="gd_mse_nd_trace12_t2d_test", seed=8, loss="mse", y_shape=(n, 3, 4),
-             trace_axes=(1, 2), t=grid_2d, mode="test"),
-        dict(name="gd_xent_nd_notrace_momentum_train", seed=9, loss="cross_entropy",
-             y_shape=(6, 3, 4), trace_axes=(), t=grid, mode="train", momentum=0.9),
+        # 2-D outputs y of shape (n, k): trace_axes (-1,) and ().
         dict(name="gd_mse_odestate_momentum_lr0.5", seed=10, loss="mse", y_shape=(n, 3),
              trace_axes=(-1,), t=1.0, t_resume=1.5, mode="ode_state",
              learning_rate=0.5, momentum=0.9),
-        dict(name="gd_logcosh_odestate", seed=11, loss="log_cosh", y_shape=(n, 3),
-             trace_axes=(-1,), t=0.75, t_resume=[0.25, 1.25], mode="ode_state"),
+        dict(name="gd_logcosh_notrace_odestate", seed=11, loss="log_cosh", y_shape=(n, 3),
+             trace_axes=(), t=0.75, t_resume=[0.25, 1.25], mode="ode_state"),
+        # N-D outputs y of shape (n, 3, 4): trace_axes (-1,), (1,), (1, 2) and ().
+        dict(name="gd_xent_nd_trace_last_grid_train_test_lr0.5", seed=3,
+             loss="cross_entropy", y_shape=(n, 3, 4), trace_axes=(-1,), t=grid,
+             mode="train_test", learning_rate=0.5),
+        dict(name="gd_logcosh_nd_trace1_momentum_scalar_t_lr2", seed=7, loss="log_cosh",
+             y_shape=(n, 3, 4), trace_axes=(1,), t=2.0, mode="train_test",
+             learning_rate=2.0, momentum=0.9),
+        dict(name="gd_logcosh_nd_trace12_t2d_test_lr2", seed=4, loss="log_cosh",
+             y_shape=(n, 3, 4), trace_axes=(1, 2), t=grid_2d, mode="test", learning_rate=2.0),
+        dict(name="gd_xent_nd_notrace_momentum_grid_train", seed=9, loss="cross_entropy",
+             y_shape=(6, 3, 4), trace_axes=(), t=grid, mode="train", momentum=0.9),
     ]
     for kw in gd:
         name = kw.pop("name")
