@@ -9,6 +9,7 @@ treated as exact zeros ("null modes").
 from __future__ import annotations
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
@@ -40,18 +41,23 @@ class Eigen(eqx.Module):
 
     @classmethod
     def of(cls, k: Float[Array, "n n"]) -> Eigen:
-        k = 0.5 * (k + k.T)
-        evals, evecs = jnp.linalg.eigh(k)
-        evals = jnp.maximum(evals, 0.0)
-        rcond = k.shape[0] * jnp.finfo(k.dtype).eps
-        null = evals <= rcond * jnp.max(evals, initial=0.0)
-        return cls(jnp.where(null, 0.0, evals), evecs, null)
+        return _eigen_of(k)
 
     def to_eigenbasis(self, x: Float[Array, "n ..."]) -> Float[Array, "n ..."]:
         return jnp.tensordot(self.evecs.T, x, axes=1)
 
     def from_eigenbasis(self, x: Float[Array, "... n k"]) -> Float[Array, "... n k"]:
         return jnp.einsum("ij,...jk->...ik", self.evecs, x)
+
+
+@jax.jit
+def _eigen_of(k: Float[Array, "n n"]) -> Eigen:
+    k = 0.5 * (k + k.T)
+    evals, evecs = jnp.linalg.eigh(k)
+    evals = jnp.maximum(evals, 0.0)
+    rcond = k.shape[0] * jnp.finfo(k.dtype).eps
+    null = evals <= rcond * jnp.max(evals, initial=0.0)
+    return Eigen(jnp.where(null, 0.0, evals), evecs, null)
 
 
 def phi1(evals: Float[Array, " n"], tau: Float[Array, " m"]) -> Float[Array, "m n"]:

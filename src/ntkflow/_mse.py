@@ -46,6 +46,7 @@ class MSEFlow(eqx.Module):
         # At tau = inf, null modes contribute nothing (pseudo-inverse limit).
         return jnp.where(jnp.isinf(tau)[:, None] & self.eigen.null[None, :], 0.0, p)
 
+    @eqx.filter_jit
     def train_delta(
         self, tau: Float[Array, " m"], r0: Float[Array, "n k"]
     ) -> Float[Array, "m n k"]:
@@ -56,6 +57,7 @@ class MSEFlow(eqx.Module):
         coeff = self.eigen.to_eigenbasis(r0)
         return self.eigen.from_eigenbasis(g[:, :, None] * coeff[None])
 
+    @eqx.filter_jit
     def test_delta(
         self,
         tau: Float[Array, " m"],

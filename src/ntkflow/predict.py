@@ -120,7 +120,8 @@ class _Boundary:
     def to_flat(self, x: ArrayLike, rows_shape: tuple[int, ...], name: str) -> Array:
         """Broadcast ``x`` to the outputs' shape and flatten it."""
         shape = self.layout.output_shape(rows_shape)
-        x = jnp.asarray(_checks.check_array(x, name))
+        # Python scalars and lists take the kernel's/targets' dtype (weak typing).
+        x = jnp.asarray(_checks.check_array(x, name), None if hasattr(x, "dtype") else self.dtype)
         try:
             x = jnp.broadcast_to(x, shape)
         except ValueError:
