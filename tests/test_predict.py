@@ -303,3 +303,16 @@ def test_trained_linearized_network_agrees(loss, momentum):
     tol = 0.02 if momentum is None else 0.1
     assert float(jnp.max(jnp.abs(train - trained[:n]))) < tol * moved
     assert float(jnp.max(jnp.abs(test - trained[n:]))) < tol * moved
+
+
+def test_grad_with_respect_to_the_kernel_of_the_ode_predictor():
+    k_tt, _, y, f0, _ = _problem()
+
+    def loss_of_scale(scale):
+        predict = nt.predict.gradient_descent(log_cosh, k_tt * scale, y, 1.0)
+        return jnp.sum(predict(2.0, f0) ** 2)
+
+    g = jax.grad(loss_of_scale)(jnp.asarray(1.0, DTYPE))
+    h = 1e-5 if X64 else 1e-2
+    fd = (loss_of_scale(1.0 + h) - loss_of_scale(1.0 - h)) / (2 * h)
+    np.testing.assert_allclose(g, fd, rtol=1e-5 if X64 else 5e-2)

@@ -40,7 +40,7 @@ Two predictors are provided:
 
 from __future__ import annotations
 
-import math
+import abc
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -60,6 +60,19 @@ from ntkflow._axes import (
     outputs_from_2d,
     outputs_to_2d,
 )
+from ntkflow._checks import (
+    check_array,
+    check_finite,
+    check_learning_rate,
+    check_loss,
+    check_momentum,
+    check_psd,
+    check_psd_eigenvalues,
+    check_symmetric,
+    describe,
+)
+from ntkflow._eigen import add_diagonal_regularizer
+from ntkflow._typing import float_dtype, is_concrete
 
 __all__ = [
     "DiscreteState",
@@ -104,51 +117,24 @@ class DiscreteState(eqx.Module):
 # Validation.
 
 
-def _describe(x: Any) -> str:
-    if x is None:
-        return "None"
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"an array of shape {tuple(x.shape)} and dtype {x.dtype}"
-    text = repr(x)
-    return text if len(text) < 80 else text[:77] + "..."
-
-
-def _is_concrete(x: Any) -> bool:
-    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x))
-
-
-def _check_learning_rate(learning_rate: Any) -> None:
-    if not _is_concrete(learning_rate):
-        return
+def _check_learning_rate(learning_rate: Any) -> Any:
+    """The shared ``learning_rate`` check, stating the bound as ``> 0``."""
     try:
+        return check_learning_rate(learning_rate)
+    except ValueError:
         value = float(np.asarray(learning_rate))
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"`learning_rate` must be a finite scalar > 0; got {_describe(learning_rate)}."
-        ) from None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`learning_rate` must be a finite scalar > 0; got {value!r}.")
+        raise ValueError(f"`learning_rate` must be a finite scalar > 0; got {value!r}.") from None
 
 
-def _check_momentum(momentum: Any, nesterov: bool) -> None:
+def _check_momentum(momentum: Any, nesterov: bool) -> Any:
+    """The shared ``momentum`` check, after the rules for ``nesterov``."""
     if not isinstance(nesterov, (bool, np.bool_)):
         raise TypeError(f"`nesterov` must be a bool; got {nesterov!r}.")
-    if momentum is None:
-        if nesterov:
-            raise ValueError(
-                "`nesterov=True` needs a momentum: pass `momentum` in [0, 1); got momentum=None."
-            )
-        return
-    if not _is_concrete(momentum):
-        return
-    try:
-        value = float(np.asarray(momentum))
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"`momentum` must be None or a scalar in [0, 1); got {_describe(momentum)}."
-        ) from None
-    if not (0.0 <= value < 1.0):
-        raise ValueError(f"`momentum` must be None or a scalar in [0, 1); got {value!r}.")
+    if nesterov and momentum is None:
+        raise ValueError(
+            "`nesterov=True` needs a momentum: pass `momentum` in [0, 1); got momentum=None."
+        )
+    return check_momentum(momentum)
 
 
 def _check_on_nonfinite(on_nonfinite: str) -> None:
@@ -170,11 +156,11 @@ def _check_steps(steps: Any) -> jax.Array:
             "got None."
         )
     int_dtype = _int_dtype()
-    if not _is_concrete(steps):
+    if not is_concrete(steps):
         if not jnp.issubdtype(jnp.result_type(steps), jnp.integer):
             raise TypeError(
                 "`steps` traced under a JAX transformation must have an integer dtype; "
-                f"got {_describe(steps)}."
+                f"got {describe(steps)}."
             )
         steps = jnp.asarray(steps, int_dtype)
         return eqx.error_if(
@@ -185,7 +171,7 @@ def _check_steps(steps: Any) -> jax.Array:
         np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
     ):
         raise TypeError(
-            f"`steps` must be non-negative integers; got {_describe(steps)}."
+            f"`steps` must be non-negative integers; got {describe(steps)}."
         )
     if arr.size:
         if np.issubdtype(arr.dtype, np.floating):
@@ -212,12 +198,10 @@ def _check_steps(steps: Any) -> jax.Array:
 @partial(jax.jit, static_argnames=("absolute",))
 def _eigh(k2d: jax.Array, diag_reg: Any, *, absolute: bool) -> tuple[jax.Array, jax.Array]:
     """Eigendecomposition of ``K + diag_reg * I`` (``diag_reg`` scaled by
-    ``trace(K) / K.shape[0]`` unless ``absolute``, as in neural-tangents), with the
-    eigenvalues clamped at 0."""
-    n = k2d.shape[0]
-    reg = diag_reg if absolute else diag_reg * jnp.trace(k2d) / n
-    evals, evecs = jnp.linalg.eigh(k2d + reg * jnp.eye(n, dtype=k2d.dtype))
-    return jnp.maximum(evals, 0.0), evecs
+    ``trace(K) / K.shape[0]`` unless ``absolute``, as in neural-tangents); the
+    eigenvalues are not clamped yet."""
+    evals, evecs = jnp.linalg.eigh(add_diagonal_regularizer(k2d, diag_reg, absolute))
+    return evals, evecs
 
 
 def _stable_factor(momentum: float | None, nesterov: bool) -> float:
@@ -252,7 +236,7 @@ class _NonFiniteReporter:
 
     def __init__(self, mode: str, learning_rate: Any) -> None:
         self.mode = mode
-        self.lr = learning_rate if _is_concrete(learning_rate) else None
+        self.lr = learning_rate if is_concrete(learning_rate) else None
 
     def __call__(self, step: Any) -> None:
         # Under vmap both branches of the cond run, possibly on a batch: report the
@@ -271,7 +255,7 @@ def _report_nonfinite(out: Any, bad_step: jax.Array, mode: str, learning_rate: A
     """Raise or warn (``mode``) if ``bad_step >= 0``; returns ``out`` (ordered after the check)."""
     if mode == "ignore":
         return out
-    if _is_concrete(bad_step):
+    if is_concrete(bad_step):
         step = int(bad_step)
         if step >= 0:
             msg = _nonfinite_message(step, learning_rate)
@@ -301,6 +285,51 @@ class _Call(NamedTuple):
     want_test: bool
     test_rows_shape: tuple[int, ...] | None
     n_bits: int | None = None
+
+
+class _Flat(NamedTuple):
+    """Initial values as flat ``(rows, traced)`` arrays, and the flat test-train kernel.
+
+    ``u0``/``ut0`` (velocities) are set iff the predictor has a momentum;
+    ``ft0``, ``ut0`` and ``kt`` are ``None`` without test predictions.
+    """
+
+    f0: jax.Array
+    u0: jax.Array | None
+    ft0: jax.Array | None
+    ut0: jax.Array | None
+    kt: jax.Array | None
+
+
+#: Flat ``(f, u, f_test, u_test, bad_step)``; ``None`` where not computed.
+_FlatResult = tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None, jax.Array]
+
+
+def _kdot(k: jax.Array, x: jax.Array) -> jax.Array:
+    """``k @ x[t]`` for every leading index ``t`` of ``x`` (``(T, rows, traced)``)."""
+    return jnp.einsum("ij,tjc->tic", k, x)
+
+
+def _test_outputs(
+    x: _Flat,
+    lr: jax.Array,
+    kt: jax.Array,
+    w: jax.Array,
+    momentum_sums: tuple[jax.Array, jax.Array, jax.Array] | None,
+) -> tuple[jax.Array, jax.Array | None]:
+    r"""Test outputs :math:`f^{test}_s = f^{test}_0 - \eta (c_s u^{test}_0 + K_{test,train}
+    W_s)` and :math:`u^{test}_s = p_s u^{test}_0 + K_{test,train} A_s` from the gradient
+    sums ``w`` and ``momentum_sums = (a, p, c)`` (``None`` without momentum), all with a
+    leading step axis; ``kt`` is the flat test-train kernel in the basis of the sums."""
+    assert x.ft0 is not None
+    kw = _kdot(kt, w)
+    if momentum_sums is None:
+        return x.ft0 - lr * kw, None
+    assert x.ut0 is not None
+    a, p, c = momentum_sums
+    ft = x.ft0 - lr * (c[:, None, None] * x.ut0 + kw)
+    ut = p[:, None, None] * x.ut0 + _kdot(kt, a)
+    return ft, ut
 
 
 def _check_shape(x: Any, name: str, shape: tuple[int, ...]) -> None:
@@ -343,19 +372,23 @@ class _PredictorBase(eqx.Module):
         """Static loop length needed for ``steps`` (closed form only)."""
         return None
 
+    @property
+    def _has_momentum(self) -> bool:
+        return self.momentum is not None
+
+    def _rates(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        """``(learning_rate, momentum)`` as arrays of ``dtype`` (momentum 0 without one)."""
+        lr = jnp.asarray(self.learning_rate).astype(dtype)
+        m = jnp.asarray(0.0 if self.momentum is None else self.momentum).astype(dtype)
+        return lr, m
+
+    @abc.abstractmethod
     def _flat(
-        self,
-        steps: jax.Array,
-        f0: jax.Array,
-        u0: jax.Array | None,
-        ft0: jax.Array | None,
-        ut0: jax.Array | None,
-        kt: jax.Array | None,
-        with_test: bool,
-        n_bits: int | None,
-    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None, jax.Array]:
-        """Flat ``(T, rows, traced)`` outputs ``(f, u, f_test, u_test, bad_step)``."""
-        raise NotImplementedError
+        self, steps: jax.Array, x: _Flat, n_bits: int | None
+    ) -> _FlatResult:
+        """Flat ``(T, rows, traced)`` outputs ``(f, u, f_test, u_test, bad_step)`` at the
+        flat ``steps`` (``T`` entries); ``bad_step`` is the first step with non-finite
+        training outputs, or ``-1``."""
 
     def __call__(
         self,
@@ -396,7 +429,7 @@ class _PredictorBase(eqx.Module):
                 raise ValueError(
                     "`fx_test_0` must be None when a DiscreteState is passed as "
                     "`fx_train_or_state_0` (the state holds `fx_test`); got "
-                    f"{_describe(fx_test_0)}."
+                    f"{describe(fx_test_0)}."
                 )
             fx_train_0, fx_test_0 = state.fx_train, state.fx_test
             vx_train_0, vx_test_0 = state.vx_train, state.vx_test
@@ -412,9 +445,9 @@ class _PredictorBase(eqx.Module):
         if fx_test_0 is not None and k_test_train is None:
             raise ValueError(
                 "`k_test_train` is needed for test-set predictions (`fx_test_0` is "
-                f"{_describe(fx_test_0)}); got k_test_train=None."
+                f"{describe(fx_test_0)}); got k_test_train=None."
             )
-        if self.momentum is None and (vx_train_0 is not None or vx_test_0 is not None):
+        if not self._has_momentum and (vx_train_0 is not None or vx_test_0 is not None):
             name = "vx_train" if vx_train_0 is not None else "vx_test"
             raise ValueError(
                 f"`DiscreteState.{name}` holds a momentum velocity, but this predictor has "
@@ -463,7 +496,7 @@ def _predict(
     """One compiled program per predictor structure, call layout and shapes."""
     fx_train_0, vx_train_0, fx_test_0, vx_test_0, k_test_train = inputs
     layout, dtype = pred.layout, pred.y_train.dtype
-    has_momentum = pred.momentum is not None
+    has_momentum = pred._has_momentum
     y_shape = tuple(pred.y_train.shape)
 
     def flat(x: Any, shape: tuple[int, ...]) -> jax.Array:
@@ -480,9 +513,7 @@ def _predict(
         ut0 = flat(vx_test_0, test_shape) if has_momentum else None
         kt = kernel_to_2d(k_test_train).astype(dtype)
 
-    f, u, ft, ut, bad = pred._flat(
-        steps.reshape(-1), f0, u0, ft0, ut0, kt, call.want_test, call.n_bits
-    )
+    f, u, ft, ut, bad = pred._flat(steps.reshape(-1), _Flat(f0, u0, ft0, ut0, kt), call.n_bits)
 
     def back(x: jax.Array | None, rows: tuple[int, ...] | None) -> jax.Array | None:
         if x is None or rows is None:
@@ -507,26 +538,61 @@ def _predict(
     return result, bad
 
 
+class _Setup(NamedTuple):
+    """Validated inputs of a predictor."""
+
+    k2d: jax.Array  # flat kernel, in the common floating dtype
+    k_dtype: np.dtype  # the kernel's own precision (sets the symmetry / PSD tolerances)
+    fields: dict[str, Any]  # the fields of _PredictorBase
+
+
 def _setup(
-    k_train_train: Any, y_train: Any, trace_axes: int | Sequence[int]
-) -> tuple[jax.Array, jax.Array, Layout, tuple[int, ...]]:
-    """Validated ``(K_2d, y_train, layout, rows_shape)`` in a common floating dtype."""
-    if k_train_train is None or y_train is None:
-        name = "k_train_train" if k_train_train is None else "y_train"
-        raise TypeError(f"`{name}` must be an array; got None.")
+    k_train_train: Any,
+    y_train: Any,
+    trace_axes: int | Sequence[int],
+    learning_rate: Any,
+    momentum: Any,
+    nesterov: bool,
+) -> _Setup:
+    """Check the kernel and targets and flatten the kernel, in a common floating dtype.
+
+    Value checks (finite entries, symmetric kernel) run only on concrete values.
+    """
+    check_array(k_train_train, "k_train_train")
+    check_array(y_train, "y_train")
     k_train_train = jnp.asarray(k_train_train)
     y_train = jnp.asarray(y_train)
     layout = make_layout(y_train.shape, trace_axes)
     rows_shape = layout.rows_shape(y_train.shape)
     kernel_rows_shapes(k_train_train.shape, "k_train_train", rows_shape, rows_shape, layout)
-    dtype = jnp.result_type(k_train_train, y_train, float)
-    k2d, y = _to_2d_kernel(k_train_train, y_train, dtype=dtype)
-    return k2d, y, layout, rows_shape
+    dtype = float_dtype(k_train_train, y_train)
+    k_dtype = float_dtype(k_train_train)
+    k2d = kernel_to_2d(k_train_train.astype(dtype))
+    y = y_train.astype(dtype)
+    # The returned (traced-checking) values are not used: these checks are eager-only.
+    check_finite(k2d, "k_train_train")
+    check_finite(y, "y_train")
+    check_symmetric(k2d, "k_train_train", k_dtype)
+    fields = dict(
+        y_train=y,
+        learning_rate=learning_rate,
+        momentum=momentum,
+        nesterov=bool(nesterov),
+        layout=layout,
+        rows_shape=rows_shape,
+    )
+    return _Setup(k2d, k_dtype, fields)
 
 
-@partial(jax.jit, static_argnames=("dtype",))
-def _to_2d_kernel(k: jax.Array, y: jax.Array, *, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    return kernel_to_2d(k).astype(dtype), y.astype(dtype)
+_PSD_HINT = (
+    " Negative eigenvalues make gradient descent diverge. Check how the kernel was computed "
+    "(layout, precision); to regularize it, pass `k_train_train + c * I` for a small c > 0."
+)
+_PSD_HINT_MSE = (
+    " (This is the kernel after adding `diag_reg`.) Negative eigenvalues make gradient "
+    "descent diverge. Check how the kernel was computed (layout, precision), or pass a "
+    "`diag_reg` > 0."
+)
 
 
 # ----------------------------------------------------------------------------
@@ -536,11 +602,7 @@ def _to_2d_kernel(k: jax.Array, y: jax.Array, *, dtype: Any) -> tuple[jax.Array,
 def _scan_core(
     k2d: jax.Array,
     y_train: jax.Array,
-    f0: jax.Array,
-    u0: jax.Array | None,
-    ft0: jax.Array | None,
-    ut0: jax.Array | None,
-    kt: jax.Array | None,
+    x: _Flat,
     lr: jax.Array,
     m: jax.Array,
     steps: jax.Array,
@@ -550,16 +612,13 @@ def _scan_core(
     rows_shape: tuple[int, ...],
     has_momentum: bool,
     nesterov: bool,
-    with_test: bool,
-) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None, jax.Array]:
+) -> _FlatResult:
     """Step the training set from step 0 to every entry of ``steps`` (flat).
 
     Returns ``(f, u, f_test, u_test, bad_step)`` with leading axis ``steps.size``;
     ``bad_step`` is the first step with non-finite training outputs, or ``-1``.
     """
-    dtype = f0.dtype
-    lr = lr.astype(dtype)
-    m = m.astype(dtype)
+    f0, dtype, with_test = x.f0, x.f0.dtype, x.ft0 is not None
     order = jnp.argsort(steps, stable=True)
     sorted_steps = steps[order]
     zero = jnp.zeros_like(f0)
@@ -602,7 +661,7 @@ def _scan_core(
     init = (
         jnp.zeros((), steps.dtype),
         f0,
-        u0 if has_momentum else zero,
+        x.u0 if has_momentum else zero,
         zero,
         zero,
         one,
@@ -619,16 +678,9 @@ def _scan_core(
     u_out = unsort(u) if has_momentum else None
     ft = ut = None
     if with_test:
-        assert ft0 is not None and kt is not None
-        w = unsort(w)
-        kw = jnp.einsum("ij,tjc->tic", kt, w)
-        if has_momentum:
-            assert ut0 is not None
-            a, p, c = unsort(a), unsort(p), unsort(c)
-            ft = ft0 - lr * (c[:, None, None] * ut0 + kw)
-            ut = p[:, None, None] * ut0 + jnp.einsum("ij,tjc->tic", kt, a)
-        else:
-            ft = ft0 - lr * kw
+        assert x.kt is not None
+        sums = (unsort(a), unsort(p), unsort(c)) if has_momentum else None
+        ft, ut = _test_outputs(x, lr, x.kt, unsort(w), sums)
     return f, u_out, ft, ut, bad
 
 
@@ -643,33 +695,21 @@ class _DiscretePredictor(_PredictorBase):
         return self.on_nonfinite
 
     def _flat(
-        self,
-        steps: jax.Array,
-        f0: jax.Array,
-        u0: jax.Array | None,
-        ft0: jax.Array | None,
-        ut0: jax.Array | None,
-        kt: jax.Array | None,
-        with_test: bool,
-        n_bits: int | None,
-    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None, jax.Array]:
+        self, steps: jax.Array, x: _Flat, n_bits: int | None
+    ) -> _FlatResult:
+        lr, m = self._rates(x.f0.dtype)
         return _scan_core(
             self.k2d,
             self.y_train,
-            f0,
-            u0,
-            ft0,
-            ut0,
-            kt,
-            jnp.asarray(self.learning_rate),
-            jnp.asarray(0.0 if self.momentum is None else self.momentum),
+            x,
+            lr,
+            m,
             steps,
             loss=self.loss,
             layout=self.layout,
             rows_shape=self.rows_shape,
-            has_momentum=self.momentum is not None,
+            has_momentum=self._has_momentum,
             nesterov=self.nesterov,
-            with_test=with_test,
         )
 
 
@@ -772,22 +812,14 @@ def gradient_descent_discrete(
       >>> [round(float(v), 4) for v in fx[:, 0, 0]]
       [0.0, 0.25, 0.9437]
     """
-    _check_learning_rate(learning_rate)
-    _check_momentum(momentum, nesterov)
+    learning_rate = _check_learning_rate(learning_rate)
+    momentum = _check_momentum(momentum, nesterov)
     _check_on_nonfinite(on_nonfinite)
-    if not callable(loss):
-        raise TypeError(f"`loss` must be a callable loss(fx, y); got {_describe(loss)}.")
-    k2d, y, layout, rows_shape = _setup(k_train_train, y_train, trace_axes)
+    check_loss(loss)
+    setup = _setup(k_train_train, y_train, trace_axes, learning_rate, momentum, nesterov)
+    check_psd(setup.k2d, "k_train_train", setup.k_dtype, _PSD_HINT)
     return _DiscretePredictor(
-        y_train=y,
-        learning_rate=learning_rate,
-        momentum=momentum,
-        nesterov=bool(nesterov),
-        layout=layout,
-        rows_shape=rows_shape,
-        k2d=k2d,
-        loss=loss,
-        on_nonfinite=on_nonfinite,
+        **setup.fields, k2d=setup.k2d, loss=loss, on_nonfinite=on_nonfinite
     )
 
 
@@ -856,23 +888,16 @@ def _mse_core(
     evecs: jax.Array,
     y2d: jax.Array,
     n: float,
-    f0: jax.Array,
-    u0: jax.Array | None,
-    ft0: jax.Array | None,
-    ut0: jax.Array | None,
-    kt: jax.Array | None,
+    x: _Flat,
     lr: jax.Array,
     m: jax.Array,
     steps: jax.Array,
     *,
     has_momentum: bool,
     nesterov: bool,
-    with_test: bool,
     n_bits: int,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
-    dtype = f0.dtype
-    lr = lr.astype(dtype)
-    m = m.astype(dtype)
+    f0, u0 = x.f0, x.u0
     mats = _mse_transition(evals / n, n, lr, m, has_momentum, nesterov)
     powers = _matrix_powers(mats, steps, n_bits)  # (T, R, d, d)
     e0 = evecs.T @ (f0 - y2d)
@@ -885,27 +910,21 @@ def _mse_core(
     z = jnp.einsum("trij,rjc->tric", powers, z0)
     # Differences from the initial state (exact at step 0, like neural-tangents).
     dz = z - z0
-    f = f0 + jnp.einsum("ij,tjc->tic", evecs, dz[:, :, 0])
+    f = f0 + _kdot(evecs, dz[:, :, 0])
     u = None
     if has_momentum:
         assert u0 is not None
-        u = u0 + jnp.einsum("ij,tjc->tic", evecs, dz[:, :, 1])
+        u = u0 + _kdot(evecs, dz[:, :, 1])
     ft = ut = None
-    if with_test:
-        assert ft0 is not None and kt is not None
-        ktv = kt @ evecs
-        kw = jnp.einsum("ij,tjc->tic", ktv, z[:, :, -1])
+    if x.ft0 is not None:
+        assert x.kt is not None
+        sums = None
         if has_momentum:
-            assert ut0 is not None
-            s = steps.astype(dtype)
-            p = m**s
+            p = m ** steps.astype(f0.dtype)
             c = m * (1 - p) / (1 - m)  # sum_{j=1}^s m^j, 1 - m > 0
-            if nesterov:
-                c = m * c
-            ft = ft0 - lr * (c[:, None, None] * ut0 + kw)
-            ut = p[:, None, None] * ut0 + jnp.einsum("ij,tjc->tic", ktv, z[:, :, 2])
-        else:
-            ft = ft0 - lr * kw
+            sums = (z[:, :, 2], p, m * c if nesterov else c)
+        # The sums are in the eigenbasis: apply k_test_train V.
+        ft, ut = _test_outputs(x, lr, x.kt @ evecs, z[:, :, -1], sums)
     return f, u, ft, ut
 
 
@@ -919,38 +938,26 @@ class _MSEDiscretePredictor(_PredictorBase):
     evecs: jax.Array
 
     def _flat(
-        self,
-        steps: jax.Array,
-        f0: jax.Array,
-        u0: jax.Array | None,
-        ft0: jax.Array | None,
-        ut0: jax.Array | None,
-        kt: jax.Array | None,
-        with_test: bool,
-        n_bits: int | None,
-    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None, jax.Array]:
+        self, steps: jax.Array, x: _Flat, n_bits: int | None
+    ) -> _FlatResult:
+        lr, m = self._rates(x.f0.dtype)
         f, u, ft, ut = _mse_core(
             self.evals,
             self.evecs,
             outputs_to_2d(self.y_train, self.layout),
             float(self.y_train.size),
-            f0,
-            u0,
-            ft0,
-            ut0,
-            kt,
-            jnp.asarray(self.learning_rate),
-            jnp.asarray(0.0 if self.momentum is None else self.momentum),
+            x,
+            lr,
+            m,
             steps,
-            has_momentum=self.momentum is not None,
+            has_momentum=self._has_momentum,
             nesterov=self.nesterov,
-            with_test=with_test,
             n_bits=_full_bits(steps) if n_bits is None else n_bits,
         )
         return f, u, ft, ut, jnp.full((), -1, steps.dtype)
 
     def _n_bits(self, steps: jax.Array) -> int | None:
-        if not _is_concrete(steps):
+        if not is_concrete(steps):
             return _full_bits(steps)
         top = int(np.max(np.asarray(steps))) if steps.size else 0
         # Rounded up to a multiple of 8 so that nearby step counts share one program.
@@ -1040,11 +1047,14 @@ def gradient_descent_mse_discrete(
       >>> round(float(fx_test[0, 0]), 4)
       0.5
     """
-    _check_learning_rate(learning_rate)
-    _check_momentum(momentum, nesterov)
-    k2d, y, layout, rows_shape = _setup(k_train_train, y_train, trace_axes)
-    evals, evecs = _eigh(k2d, diag_reg, absolute=bool(diag_reg_absolute_scale))
-    if _is_concrete((evals, learning_rate, momentum)) and evals.size:
+    learning_rate = _check_learning_rate(learning_rate)
+    momentum = _check_momentum(momentum, nesterov)
+    setup = _setup(k_train_train, y_train, trace_axes, learning_rate, momentum, nesterov)
+    y = setup.fields["y_train"]
+    evals, evecs = _eigh(setup.k2d, diag_reg, absolute=bool(diag_reg_absolute_scale))
+    check_psd_eigenvalues(evals, "k_train_train", setup.k_dtype, _PSD_HINT_MSE)
+    evals = jnp.maximum(evals, 0.0)  # round-off: a kernel is positive semi-definite
+    if is_concrete(evals, learning_rate, momentum) and evals.size:
         h_max = float(learning_rate) * float(evals[-1]) / y.size
         limit = _stable_factor(momentum, bool(nesterov))
         if h_max > limit:
@@ -1057,13 +1067,4 @@ def gradient_descent_mse_discrete(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    return _MSEDiscretePredictor(
-        y_train=y,
-        learning_rate=learning_rate,
-        momentum=momentum,
-        nesterov=bool(nesterov),
-        layout=layout,
-        rows_shape=rows_shape,
-        evals=evals,
-        evecs=evecs,
-    )
+    return _MSEDiscretePredictor(**setup.fields, evals=evals, evecs=evecs)
