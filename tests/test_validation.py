@@ -434,3 +434,16 @@ def test_float32_kernel_with_float64_targets_uses_float32_tolerances():
     assert out.dtype == jnp.float64
     with pytest.raises(ValueError, match="symmetric"):
         nt.predict.gradient_descent_mse(np.asarray(k, np.float64), np.asarray(Y, np.float64))
+
+
+def test_large_kernels_get_a_randomized_psd_check():
+    """Above the exact-check size, power iterations still catch clearly indefinite kernels."""
+    from ntkflow import _checks
+
+    n = _checks.PSD_EXACT_MAX_ROWS + 8
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(3), (n, n)))
+    evals = jnp.linspace(-0.5, 1.0, n)
+    k = (q * evals) @ q.T
+    with pytest.raises(ValueError, match="k_train_train.*positive semi-definite"):
+        _checks.check_psd(k, "k_train_train", k.dtype)
+    _checks.check_psd((q * jnp.abs(evals)) @ q.T, "k_train_train", k.dtype)  # PSD: accepted

@@ -42,6 +42,7 @@ __all__ = [
     "check_nonempty",
     "check_symmetric",
     "check_psd",
+    "check_psd_eigen",
     "check_psd_eigenvalues",
     "check_diag_reg",
     "check_max_steps",
@@ -372,18 +373,59 @@ def _check_eigenvalue_range(
         )
 
 
+#: Above this many rows, :func:`check_psd` uses a randomized check instead of ``eigvalsh``.
+PSD_EXACT_MAX_ROWS = 2048
+
+
+@jax.jit
+def _randomized_eigenvalue_range(k: Any) -> tuple[Any, Any]:
+    # Power iterations: on K for its largest eigenvalue, then on (sigma I - K) for its lowest
+    # (the Rayleigh quotient bounds it from above, so a clearly negative one is real).
+    def power(a: Any, steps: int) -> Any:
+        v = jax.random.normal(jax.random.PRNGKey(0), (a.shape[0],), a.dtype)
+
+        def body(_: int, v: Any) -> Any:
+            w = a @ v
+            return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(a.dtype).tiny)
+
+        v = jax.lax.fori_loop(0, steps, body, v / jnp.linalg.norm(v))
+        return jnp.vdot(v, k @ v)
+
+    largest = jnp.abs(power(k, 30))
+    sigma = largest * 1.01
+    lowest = power(sigma * jnp.eye(k.shape[0], dtype=k.dtype) - k, 60)
+    lowest = jnp.minimum(lowest, jnp.min(jnp.diagonal(k)))
+    return lowest, jnp.maximum(largest, jnp.abs(lowest))
+
+
 def check_psd(k: Any, name: str, dtype: Any, hint: str = "") -> None:
     """A flat kernel must be positive semi-definite up to round-off (eagerly, when concrete).
 
-    Costs one ``eigvalsh`` (O(n^3)), once per predictor.
+    Costs one ``eigvalsh`` (O(n^3)), once per predictor, for up to
+    ``PSD_EXACT_MAX_ROWS`` rows; above that, power iterations (90 kernel
+    products) that estimate the lowest eigenvalue from above, which catches
+    clearly indefinite kernels but may miss slightly negative ones.
     """
     if not is_concrete(k):
         return
     k = jnp.asarray(k)
     if k.size == 0:
         return
+    stats = _eigenvalue_range if k.shape[0] <= PSD_EXACT_MAX_ROWS else _randomized_eigenvalue_range
     with jax.ensure_compile_time_eval():
-        lowest, largest = (float(v) for v in _eigenvalue_range(k))
+        lowest, largest = (float(v) for v in stats(k))
+    _check_eigenvalue_range(lowest, largest, name, dtype, hint)
+
+
+def check_psd_eigen(eigen: Any, name: str, dtype: Any, hint: str = "") -> None:
+    """As :func:`check_psd`, from an existing ``Eigen`` (no new decomposition)."""
+    if not is_concrete(eigen.lowest, eigen.evals):
+        return
+    if eigen.evals.size == 0:
+        return
+    with jax.ensure_compile_time_eval():
+        lowest = float(eigen.lowest)
+        largest = max(float(jnp.max(eigen.evals)), abs(lowest))
     _check_eigenvalue_range(lowest, largest, name, dtype, hint)
 
 

@@ -33,11 +33,14 @@ class Eigen(eqx.Module):
       evecs: orthonormal eigenvectors (columns).
       null: mask of eigenvalues treated as exact zeros
         (``lam <= rcond * max(lam)``, ``rcond = n * eps``).
+      lowest: the lowest eigenvalue before clamping (to check positive
+        semi-definiteness without another decomposition).
     """
 
     evals: Float[Array, " n"]
     evecs: Float[Array, "n n"]
     null: Bool[Array, " n"]
+    lowest: Float[Array, ""]
 
     @classmethod
     def of(cls, k: Float[Array, "n n"]) -> Eigen:
@@ -53,11 +56,11 @@ class Eigen(eqx.Module):
 @jax.jit
 def _eigen_of(k: Float[Array, "n n"]) -> Eigen:
     k = 0.5 * (k + k.T)
-    evals, evecs = jnp.linalg.eigh(k)
-    evals = jnp.maximum(evals, 0.0)
+    raw, evecs = jnp.linalg.eigh(k)
+    evals = jnp.maximum(raw, 0.0)
     rcond = k.shape[0] * jnp.finfo(k.dtype).eps
     null = evals <= rcond * jnp.max(evals, initial=0.0)
-    return Eigen(jnp.where(null, 0.0, evals), evecs, null)
+    return Eigen(jnp.where(null, 0.0, evals), evecs, null, jnp.min(raw, initial=jnp.inf))
 
 
 def phi1(evals: Float[Array, " n"], tau: Float[Array, " m"]) -> Float[Array, "m n"]:

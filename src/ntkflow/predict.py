@@ -257,8 +257,9 @@ def gradient_descent_mse(
     b.y = _checks.check_finite(b.y, "y_train")
     _checks.check_symmetric(b.k, "k_train_train", b.k_dtype)
     k = add_diagonal_regularizer(b.k, diag_reg, diag_reg_absolute_scale)
-    _checks.check_psd(k, "k_train_train", b.k_dtype, _PSD_HINT_MSE)
-    flow = MSEFlow(Eigen.of(k), math.prod(b.y_shape))
+    eigen = Eigen.of(k)
+    _checks.check_psd_eigen(eigen, "k_train_train", b.k_dtype, _PSD_HINT_MSE)
+    flow = MSEFlow(eigen, math.prod(b.y_shape))
     y_flat = outputs_to_2d(b.y, b.layout)
     lr = learning_rate
 
@@ -401,11 +402,15 @@ def gradient_descent(
     b.k = _checks.check_finite(b.k, "k_train_train")
     b.y = _checks.check_finite(b.y, "y_train")
     _checks.check_symmetric(b.k, "k_train_train", b.k_dtype)
-    _checks.check_psd(b.k, "k_train_train", b.k_dtype, _PSD_HINT)
     solver_obj = _resolve_solver(solver)
-    # Visible precomputation: the eigendecomposition for the exponential integrator, and
-    # the largest eigenvalue for the `auto` choice (a few power iterations).
+    # Visible precomputation: the eigendecomposition for the exponential integrator (which
+    # also serves the PSD check), and the largest eigenvalue for the `auto` choice (a few
+    # power iterations).
     eigen = Eigen.of(b.k) if isinstance(solver_obj, Expo) else None
+    if eigen is not None:
+        _checks.check_psd_eigen(eigen, "k_train_train", b.k_dtype, _PSD_HINT)
+    else:
+        _checks.check_psd(b.k, "k_train_train", b.k_dtype, _PSD_HINT)
     lam_max = largest_eigenvalue(b.k) if solver_obj == AUTO else None
     default_rtol, default_atol = _default_tolerances(b.dtype)
     rtol_ = _checks.check_tolerance("rtol", rtol, default_rtol)
