@@ -117,6 +117,10 @@ def test_auto_choice_is_explicit():
     assert isinstance(choose_solver(dyn, y0, jnp.array([1e-3]), lam), Tsit5)
     assert isinstance(choose_solver(dyn, y0, jnp.array([1e6]), lam), Expo)
     assert isinstance(choose_solver(dyn, y0, jnp.array([1.0, jnp.inf]), lam), Expo)
+    # Anisotropic curvature (log-cosh away from its minimum, cross-entropy): explicit.
+    for loss in (log_cosh, cross_entropy):
+        other = Dynamics(k_tt, FlatLoss(loss, layout, (y.shape[0],)), y, None, False)
+        assert isinstance(choose_solver(other, y0, jnp.array([1e6]), lam), Tsit5)
     with_momentum = Dynamics(k_tt, dyn.loss, y, jnp.asarray(-0.1, DTYPE), False)
     assert isinstance(choose_solver(with_momentum, y0, jnp.array([1e-3]), lam), Tsit5)
     assert isinstance(choose_solver(with_momentum, y0, jnp.array([1e6]), lam), Expo)
