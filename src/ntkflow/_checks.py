@@ -374,7 +374,7 @@ def _check_eigenvalue_range(
 
 
 #: Above this many rows, :func:`check_psd` uses a randomized check instead of ``eigvalsh``.
-PSD_EXACT_MAX_ROWS = 2048
+PSD_EXACT_MAX_ROWS = 512
 
 
 @jax.jit
@@ -393,7 +393,7 @@ def _randomized_eigenvalue_range(k: Any) -> tuple[Any, Any]:
 
     largest = jnp.abs(power(k, 30))
     sigma = largest * 1.01
-    lowest = power(sigma * jnp.eye(k.shape[0], dtype=k.dtype) - k, 60)
+    lowest = power(sigma * jnp.eye(k.shape[0], dtype=k.dtype) - k, 60)  # (n, n): as K itself
     lowest = jnp.minimum(lowest, jnp.min(jnp.diagonal(k)))
     return lowest, jnp.maximum(largest, jnp.abs(lowest))
 
