@@ -316,3 +316,18 @@ def test_grad_with_respect_to_the_kernel_of_the_ode_predictor():
     h = 1e-5 if X64 else 1e-2
     fd = (loss_of_scale(1.0 + h) - loss_of_scale(1.0 - h)) / (2 * h)
     np.testing.assert_allclose(g, fd, rtol=1e-5 if X64 else 5e-2)
+
+
+def test_closed_form_keeps_small_eigenvalues_accurate():
+    """cond(K) = 1e4: the long-horizon closed form is as accurate as the inputs allow
+    (an eigh in float32 would lose eps * max(lam) on every eigenvalue)."""
+    n = 128
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(n, n)))
+    lam = np.logspace(0, -4, n) * n
+    k = jnp.asarray((q * lam) @ q.T, DTYPE)
+    y = np.eye(4)[np.arange(n) % 4]
+    t = 10 * y.size / np.sqrt(lam[0] * lam[-1])
+    got = nt.predict.gradient_descent_mse(k, jnp.asarray(y, DTYPE))(t, 0.0)
+    w, v = np.linalg.eigh(np.asarray(k, np.float64))
+    ref = y - v @ np.diag(np.exp(-w * t / y.size)) @ v.T @ y
+    assert rel_err(got, ref) < (1e-10 if X64 else 1e-5)

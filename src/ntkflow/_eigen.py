@@ -8,10 +8,15 @@ treated as exact zeros ("null modes").
 
 from __future__ import annotations
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float
+
+from ntkflow._typing import is_concrete
 
 __all__ = ["Eigen", "add_diagonal_regularizer", "phi1"]
 
@@ -44,6 +49,18 @@ class Eigen(eqx.Module):
 
     @classmethod
     def of(cls, k: Float[Array, "n n"]) -> Eigen:
+        """Eigendecomposition of ``k``.
+
+        A concrete kernel of less than double precision is decomposed in float64
+        (NumPy) and the result rounded back: a float32 ``eigh`` loses about
+        ``eps * max(lam)`` on every eigenvalue, i.e. most of the relative accuracy
+        of the small ones that set long-horizon dynamics. Traced kernels (under
+        ``jit``/``grad``) use ``jnp.linalg.eigh`` in their own precision.
+        """
+        if is_concrete(k) and jnp.dtype(k.dtype).itemsize < 8:
+            k64 = np.asarray(k, np.float64)
+            raw, vecs = np.linalg.eigh(0.5 * (k64 + k64.T))
+            return _finish(jnp.asarray(raw, k.dtype), jnp.asarray(vecs, k.dtype), raw.min())
         return _eigen_of(k)
 
     def to_eigenbasis(self, x: Float[Array, "n ..."]) -> Float[Array, "n ..."]:
@@ -55,12 +72,16 @@ class Eigen(eqx.Module):
 
 @jax.jit
 def _eigen_of(k: Float[Array, "n n"]) -> Eigen:
-    k = 0.5 * (k + k.T)
-    raw, evecs = jnp.linalg.eigh(k)
+    raw, evecs = jnp.linalg.eigh(0.5 * (k + k.T))
+    return _finish(raw, evecs, jnp.min(raw, initial=jnp.inf))
+
+
+def _finish(raw: Array, evecs: Array, lowest: Any) -> Eigen:
+    """Clamp negative eigenvalues and mark null modes."""
     evals = jnp.maximum(raw, 0.0)
-    rcond = k.shape[0] * jnp.finfo(k.dtype).eps
+    rcond = raw.shape[0] * jnp.finfo(raw.dtype).eps
     null = evals <= rcond * jnp.max(evals, initial=0.0)
-    return Eigen(jnp.where(null, 0.0, evals), evecs, null, jnp.min(raw, initial=jnp.inf))
+    return Eigen(jnp.where(null, 0.0, evals), evecs, null, jnp.asarray(lowest, raw.dtype))
 
 
 def phi1(evals: Float[Array, " n"], tau: Float[Array, " m"]) -> Float[Array, "m n"]:
