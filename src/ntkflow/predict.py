@@ -105,8 +105,10 @@ class _Boundary:
         self.dtype = float_dtype(k_train_train, y_train)
         #: The kernel's own precision (sets the symmetry / PSD tolerances).
         self.k_dtype = float_dtype(k_train_train)
-        self.k = kernel_to_2d(jnp.asarray(k_train_train, self.dtype))
-        self.y = jnp.asarray(y_train, self.dtype)
+        k = kernel_to_2d(jnp.asarray(k_train_train, self.dtype))
+        self.k = _checks.check_finite(k, "k_train_train")
+        self.y = _checks.check_finite(jnp.asarray(y_train, self.dtype), "y_train")
+        _checks.check_symmetric(self.k, "k_train_train", self.k_dtype)
 
     def test_rows_shape(self, k_test_train: ArrayLike) -> tuple[int, ...]:
         first, _ = kernel_rows_shapes(
@@ -253,9 +255,6 @@ def gradient_descent_mse(
     learning_rate = _checks.check_learning_rate(learning_rate)
     diag_reg = _checks.check_diag_reg(diag_reg)
     b = _Boundary(k_train_train, y_train, trace_axes)
-    b.k = _checks.check_finite(b.k, "k_train_train")
-    b.y = _checks.check_finite(b.y, "y_train")
-    _checks.check_symmetric(b.k, "k_train_train", b.k_dtype)
     k = add_diagonal_regularizer(b.k, diag_reg, diag_reg_absolute_scale)
     eigen = Eigen.of(k)
     _checks.check_psd_eigen(eigen, "k_train_train", b.k_dtype, _PSD_HINT_MSE)
@@ -399,9 +398,6 @@ def gradient_descent(
     learning_rate = _checks.check_learning_rate(learning_rate)
     momentum = _checks.check_momentum(momentum)
     b = _Boundary(k_train_train, y_train, trace_axes)
-    b.k = _checks.check_finite(b.k, "k_train_train")
-    b.y = _checks.check_finite(b.y, "y_train")
-    _checks.check_symmetric(b.k, "k_train_train", b.k_dtype)
     solver_obj = _resolve_solver(solver)
     # Visible precomputation: the eigendecomposition for the exponential integrator (which
     # also serves the PSD check), and the largest eigenvalue for the `auto` choice (a few
