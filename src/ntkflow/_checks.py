@@ -78,6 +78,14 @@ def _eigenvalue_range(k: Any) -> tuple[Any, Any]:
     return jnp.min(evals), jnp.max(jnp.abs(evals))
 
 
+def broadcasts_to(shape: Any, target: Any) -> bool:
+    """Whether an array of ``shape`` broadcasts to exactly ``target``."""
+    try:
+        return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+    except ValueError:
+        return False
+
+
 def describe(x: Any) -> str:
     """A short description of a received value for error messages."""
     if x is None:
@@ -288,11 +296,7 @@ def check_ode_state(
         if value is None or expected is None:
             continue
         shape = tuple(np.shape(value))
-        try:
-            ok = np.broadcast_shapes(shape, expected) == tuple(expected)
-        except ValueError:
-            ok = False
-        if not ok:
+        if not broadcasts_to(shape, expected):
             raise ValueError(
                 f"`fx_train_or_state_0.{field}` (ODEState) must be a scalar or broadcastable "
                 f"to shape {tuple(expected)}; got shape {shape}. A state returned for an "

@@ -61,6 +61,7 @@ from ntkflow._axes import (
     outputs_to_2d,
 )
 from ntkflow._checks import (
+    broadcasts_to,
     check_array,
     check_finite,
     check_learning_rate,
@@ -335,11 +336,7 @@ def _test_outputs(
 def _check_shape(x: Any, name: str, shape: tuple[int, ...]) -> None:
     """``x`` (array or scalar) must broadcast to ``shape``."""
     x_shape = tuple(np.shape(x))
-    try:
-        ok = np.broadcast_shapes(x_shape, shape) == tuple(shape)
-    except ValueError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(x_shape, shape):
         raise ValueError(
             f"`{name}` must be a scalar or an array broadcastable to shape {tuple(shape)}; "
             f"got shape {x_shape}."
