@@ -189,6 +189,29 @@ def test_jit_grad_vmap():
     np.testing.assert_allclose(g, fd, rtol=1e-5 if X64 else 5e-2)
 
 
+@pytest.mark.parametrize("momentum", [None, 0.8])
+def test_eager_and_jitted_predictors_agree_on_states_and_test_outputs(momentum):
+    """Concrete calls (inputs converted and checked in one pass) match traced ones."""
+    k_tt, k_st, y, f0, ft0 = _problem(n=5, k=2, n_test=3)
+    k_full = jnp.einsum("ij,ab->ijab", k_tt, jnp.eye(2, dtype=DTYPE))
+    k_st_full = jnp.einsum("ij,ab->ijab", k_st, jnp.eye(2, dtype=DTYPE))
+    predict = nt.predict.gradient_descent(
+        log_cosh, k_full, y, 0.5, momentum, trace_axes=(), solver="tsit5"
+    )
+    t = jnp.array([[2.0, 0.5], [0.0, 1.0]])
+    state0 = nt.predict.ODEState(f0, ft0)
+    eager = predict(t, state0, k_test_train=k_st_full)
+    jitted = jax.jit(lambda t, s, k: predict(t, s, k_test_train=k))(t, state0, k_st_full)
+    assert jax.tree.structure(eager) == jax.tree.structure(jitted)
+    assert eager.fx_train.shape == (2, 2) + y.shape and eager.fx_test.shape == (2, 2) + ft0.shape
+    assert (eager.qx_train is None) == (momentum is None)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        np.testing.assert_allclose(a, b, rtol=10 * TOL["rtol"], atol=10 * TOL["atol"])
+    train, test = predict(t, f0.tolist(), np.asarray(ft0), np.asarray(k_st_full))
+    np.testing.assert_allclose(train, eager.fx_train, rtol=TOL["rtol"], atol=TOL["atol"])
+    np.testing.assert_allclose(test, eager.fx_test, rtol=TOL["rtol"], atol=TOL["atol"])
+
+
 def test_lr_times_t_is_all_that_matters_without_momentum():
     k_tt, k_st, y, f0, ft0 = _problem()
     a = nt.predict.gradient_descent(log_cosh, k_tt, y, 2.0)(1.5, f0, ft0, k_st)

@@ -12,6 +12,7 @@ from ntkflow._auto import choose_solver, largest_eigenvalue
 from ntkflow._axes import make_layout
 from ntkflow._dynamics import Dynamics, FlatLoss
 from ntkflow._expo import Expo
+from ntkflow._rosenbrock import Rodas5P
 from ntkflow._solvers import Tsit5
 from tests.conftest import DTYPE, TOL, X64, rel_err
 
@@ -32,7 +33,7 @@ def _stiff_problem(n=24, k=3, cond=1e4, n_test=5):
     return full[:n, :n], full[n:, :n], y, f0, ft0
 
 
-@pytest.mark.parametrize("solver", ["expo", "tsit5", "dopri5", "auto"])
+@pytest.mark.parametrize("solver", ["expo", "rodas5p", "tsit5", "dopri5", "auto"])
 def test_mse_every_solver_matches_closed_form(solver):
     k_tt, k_st, y, f0, ft0 = _stiff_problem(cond=1e2)
     ts = jnp.array([0.0, 3.0, 30.0, 300.0])
@@ -99,11 +100,21 @@ def test_expo_with_momentum_matches_tight_explicit_solve(loss):
         assert rel_err(a, b) < (1e-6 if X64 else 5e-3)
 
 
-def test_expo_with_momentum_reaches_the_end_of_training():
-    k_tt, k_st, y, f0, ft0 = _stiff_problem(cond=1e3)
+@pytest.mark.parametrize("momentum", [0.9, 0.5, 0.2])
+def test_expo_with_momentum_reaches_the_end_of_training(momentum):
+    """With strong damping the steps grow long and the 2x2 matrix functions' arguments
+    large (norms above 1e5): the scaling-and-squaring exponential must not give up."""
+    n, k = 32, 10
+    lam = jnp.arange(1, n + 1, dtype=DTYPE) ** (-np.log(1e3) / np.log(n))
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(0), (n, n), DTYPE))
+    k_tt = (q * (lam * n / lam.sum())) @ q.T  # condition number 1e3
+    k_st = 0.1 * jax.random.normal(jax.random.PRNGKey(2), (4, n), DTYPE)
+    y = jax.nn.one_hot(jnp.arange(n) % k, k, dtype=DTYPE)
+    f0 = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (n, k), DTYPE)
+    ft0 = jnp.zeros((4, k), DTYPE)
     exact = nt.predict.gradient_descent_mse(k_tt, y)(None, f0, ft0, k_st)
-    got = nt.predict.gradient_descent(mse, k_tt, y, 0.5, 0.9, solver="expo")(None, f0, ft0, k_st)
-    for a, b in zip(got, exact, strict=True):
+    got = nt.predict.gradient_descent(mse, k_tt, y, 1.0, momentum, solver="expo")
+    for a, b in zip(got(None, f0, ft0, k_st), exact, strict=True):
         assert rel_err(a, b) < (1e-6 if X64 else 5e-3)
 
 
@@ -117,10 +128,81 @@ def test_auto_choice_is_explicit():
     assert isinstance(choose_solver(dyn, y0, jnp.array([1e-3]), lam), Tsit5)
     assert isinstance(choose_solver(dyn, y0, jnp.array([1e6]), lam), Expo)
     assert isinstance(choose_solver(dyn, y0, jnp.array([1.0, jnp.inf]), lam), Expo)
-    # Anisotropic curvature (log-cosh away from its minimum, cross-entropy): explicit.
-    for loss in (log_cosh, cross_entropy):
-        other = Dynamics(k_tt, FlatLoss(loss, layout, (y.shape[0],)), y, None, False)
-        assert isinstance(choose_solver(other, y0, jnp.array([1e6]), lam), Tsit5)
+    # Anisotropic curvature: regression losses (the targets minimize them) get the
+    # Rosenbrock method when stiff; cross-entropy (minimizer at infinity) stays explicit.
+    flat = lambda loss: FlatLoss(loss, layout, (y.shape[0],))
+    regression = Dynamics(k_tt, flat(log_cosh), y, None, False)
+    assert isinstance(choose_solver(regression, y0, jnp.array([1e6]), lam), Rodas5P)
+    assert isinstance(choose_solver(regression, y0, jnp.array([jnp.inf]), lam), Rodas5P)
+    assert isinstance(choose_solver(regression, y0, jnp.array([1.0]), lam), Tsit5)
+    labels = jax.nn.one_hot(jnp.arange(y.shape[0]) % 3, 3, dtype=DTYPE)
+    classification = Dynamics(k_tt, flat(cross_entropy), labels, None, False)
+    for t in (1e6, jnp.inf):
+        assert isinstance(choose_solver(classification, y0, jnp.array([t]), lam), Tsit5)
     with_momentum = Dynamics(k_tt, dyn.loss, y, jnp.asarray(-0.1, DTYPE), False)
     assert isinstance(choose_solver(with_momentum, y0, jnp.array([1e-3]), lam), Tsit5)
     assert isinstance(choose_solver(with_momentum, y0, jnp.array([1e6]), lam), Expo)
+
+
+def _singular_problem(n=20, rank=12, k=3, n_test=4):
+    """A rank-deficient kernel (null modes) and a test kernel that sees them.
+
+    A consistent test kernel (``J_test J^T``) vanishes on the train kernel's null
+    modes; this one does not, so the gradient integrals on null modes matter.
+    """
+    j = jax.random.normal(jax.random.PRNGKey(3), (n, rank), DTYPE)
+    j = j * jnp.logspace(0, -1.5, rank, dtype=DTYPE)
+    k_st = 0.3 * jax.random.normal(jax.random.PRNGKey(2), (n_test, n), DTYPE)
+    y = jax.random.normal(jax.random.PRNGKey(4), (n, k), DTYPE)
+    f0 = 0.3 * jax.random.normal(jax.random.PRNGKey(5), (n, k), DTYPE)
+    ft0 = 0.1 * jax.random.normal(jax.random.PRNGKey(6), (n_test, k), DTYPE)
+    return j @ j.T, k_st, y, f0, ft0
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9], ids=["gd", "momentum"])
+@pytest.mark.parametrize("problem", ["stiff", "singular"])
+def test_rodas5p_matches_tight_explicit_solve(problem, momentum):
+    """log-cosh (anisotropic curvature): the Rosenbrock method against a tight Tsit5 solve,
+    train and test outputs, on a full-rank stiff kernel and on one with null modes (whose
+    gradient integrals the Rosenbrock method integrates as extra components)."""
+    if problem == "stiff":
+        k_tt, k_st, y, f0, ft0 = _stiff_problem(cond=1e3)
+    else:
+        k_tt, k_st, y, f0, ft0 = _singular_problem()
+    y = 2.0 * y  # residuals up to ~5: curvature sech^2 between ~1e-4 and 1
+    ts = jnp.array([0.5, 5.0, 50.0, 500.0])
+    lr = 0.5 if momentum else 1.0
+    tight = dict(rtol=1e-11, atol=1e-11) if X64 else {}
+    ref = nt.predict.gradient_descent(log_cosh, k_tt, y, lr, momentum, solver="tsit5", **tight)
+    got = nt.predict.gradient_descent(log_cosh, k_tt, y, lr, momentum, solver="rodas5p")
+    for a, b in zip(got(ts, f0, ft0, k_st), ref(ts, f0, ft0, k_st), strict=True):
+        assert rel_err(a, b) < (1e-7 if X64 else 5e-3)
+    if momentum:
+        state0 = nt.predict.ODEState(f0, ft0, 0.1 * f0, 0.1 * ft0)
+        got_s, ref_s = got(7.0, state0, k_test_train=k_st), ref(7.0, state0, k_test_train=k_st)
+        for a, b in zip(jax.tree.leaves(got_s), jax.tree.leaves(ref_s), strict=True):
+            assert rel_err(a, b) < (1e-7 if X64 else 5e-3)
+
+
+def test_rodas5p_reaches_long_horizons_and_the_end_of_training():
+    """log-cosh converges to the targets on the kernel's range, as MSE does: at t = inf
+    both limits agree; at long finite times, a tight explicit solve is the reference."""
+    k_tt, k_st, y, f0, ft0 = _stiff_problem(cond=1e4)
+    predict = nt.predict.gradient_descent(log_cosh, k_tt, y, solver="rodas5p", max_steps=5000)
+    limit = nt.predict.gradient_descent_mse(k_tt, y)(None, f0, ft0, k_st)
+    for a, b in zip(predict(None, f0, ft0, k_st), limit, strict=True):
+        # float32: the convergence test's round-off floor is 10 eps cond(K) ~ 1e-2.
+        assert rel_err(a, b) < (1e-6 if X64 else 2e-2)
+    if X64:
+        ts = jnp.array([1e2, 1e4])
+        ref = nt.predict.gradient_descent(log_cosh, k_tt, y, solver="tsit5", rtol=1e-11,
+                                          atol=1e-11, max_steps=10**6)(ts, f0, ft0, k_st)
+        for a, b in zip(predict(ts, f0, ft0, k_st), ref, strict=True):
+            assert rel_err(a, b) < 1e-7
+
+
+def test_rodas5p_gives_up_and_says_so():
+    k_tt, _, y, f0, _ = _stiff_problem(cond=1e4)
+    predict = nt.predict.gradient_descent(log_cosh, k_tt, y, solver="rodas5p", max_steps=3)
+    with pytest.raises(RuntimeError, match="max_steps"):
+        predict(1e4, f0)

@@ -447,3 +447,70 @@ def test_large_kernels_get_a_randomized_psd_check():
     with pytest.raises(ValueError, match="k_train_train.*positive semi-definite"):
         _checks.check_psd(k, "k_train_train", k.dtype)
     _checks.check_psd((q * jnp.abs(evals)) @ q.T, "k_train_train", k.dtype)  # PSD: accepted
+
+
+@pytest.mark.parametrize("factor", [-3.0, -1.5, -1.1, -0.9, -0.6, -0.3, 0.0, 0.5])
+def test_psd_check_decides_as_the_eigenvalues_do_near_the_threshold(factor):
+    """The Cholesky shortcut accepts only what the eigenvalue test accepts, same message."""
+    from ntkflow import _checks
+
+    _, psd_tol = _tolerances()
+    n = 12
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(5), (n, n), DTYPE))
+    lam = jnp.linspace(0.05, 2.0, n, dtype=DTYPE).at[0].set(factor * psd_tol * 2.0)
+    k = (q * lam) @ q.T
+    lowest, largest = (float(v) for v in _checks._eigenvalue_range(k))
+    expected = None
+    try:
+        _checks._check_eigenvalue_range(lowest, largest, "k_train_train", DTYPE, "")
+    except ValueError as e:
+        expected = str(e)
+    assert (expected is None) == (factor > -1.0)
+    if expected is None:
+        _checks.check_psd(k, "k_train_train", DTYPE)
+    else:
+        with pytest.raises(ValueError) as info:
+            _checks.check_psd(k, "k_train_train", DTYPE)
+        assert str(info.value) == expected
+
+
+def test_psd_check_accepts_zero_and_rank_deficient_kernels():
+    from ntkflow import _checks
+
+    _checks.check_psd(jnp.zeros((5, 5), DTYPE), "k_train_train", DTYPE)
+    j = jax.random.normal(jax.random.PRNGKey(6), (40, 3), DTYPE)
+    _checks.check_psd(j @ j.T, "k_train_train", DTYPE)  # rank 3 of 40
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        BAD(dict(fx_train_0=F0.at[0, 0].set(jnp.nan), fx_test_0=jnp.zeros((N_TEST + 1, K), DTYPE),
+                 k_test_train=K_ST), "`fx_train_0` must be finite", id="f0-nan-before-ft0-shape"),
+        BAD(dict(fx_train_0=jnp.zeros((N + 1, K), DTYPE), fx_test_0=FT0,
+                 k_test_train=K_ST.at[0, 0].set(jnp.nan)), "`fx_train_0` must be a scalar",
+            id="f0-shape-before-k_test-nan"),
+        BAD(dict(fx_test_0=FT0.at[0, 0].set(jnp.inf), k_test_train=K_ST.at[0, 0].set(jnp.nan)),
+            "`fx_test_0` must be finite", id="ft0-inf-before-k_test-nan"),
+        BAD(dict(fx_test_0=FT0.at[0, 0].set(jnp.inf), k_test_train=K_ST, t=-1.0), "`t`",
+            id="t-before-ft0-inf"),
+    ],
+)
+def test_predict_fn_reports_the_first_bad_input(predictors, kwargs, match):
+    """Checks run in argument order, whether batched (concrete inputs) or one by one."""
+    with pytest.raises(ValueError, match=match):
+        _call(predictors["gd"], kwargs)
+
+
+def test_loss_check_comes_before_test_input_checks():
+    predict = _gd(loss=log_loss, y_train=jnp.abs(Y) + 1.0)
+    with pytest.raises(ValueError, match=r"`loss\(fx_train_0, y_train\)` must be finite"):
+        predict(1.0, 0.0, FT0.at[0, 0].set(jnp.nan), K_ST)
+    with pytest.raises(ValueError, match="`fx_train_0` must be finite"):
+        predict(1.0, F0.at[0, 0].set(jnp.nan), FT0, K_ST)
+
+
+def test_momentum_state_checks_keep_their_order(predictors):
+    state = ODEState(F0, FT0.at[0, 0].set(jnp.nan), jnp.full_like(F0, jnp.inf))
+    with pytest.raises(ValueError, match="`qx_train` must be finite"):
+        predictors["gd-momentum"](1.0, state, k_test_train=K_ST)

@@ -1,18 +1,24 @@
 r"""The ``solver="auto"`` choice, explicit and documented.
 
-Two properties of a request decide (measured in ``benchmarks/RESULTS.md``):
+Three properties of a request decide (measured in ``benchmarks/RESULTS.md``):
 
 * **Is the loss's curvature isotropic?** The exponential integrator
   (:mod:`ntkflow._expo`) linearizes the loss gradient with a *scalar*
   curvature :math:`c`. For the MSE (Hessian :math:`I/|y|`) this is exact and
   long horizons cost a few dozen steps (100-300x faster than the
-  predecessor's explicit solver). For losses whose Hessian varies across
-  outputs (cross-entropy, log-cosh, ...) the remainder is itself stiff and the
-  second-order method needs many small steps, slower than an explicit
-  fifth-order one. Isotropy is tested at the initial outputs with Rayleigh
-  quotients of the Hessian along the gradient and four fixed pseudo-random
-  directions (Hessian-vector products): isotropic if they agree to
-  ``1e-3`` relative.
+  predecessor's explicit solver). Isotropy is tested at the initial outputs
+  with Rayleigh quotients of the Hessian along the gradient and four fixed
+  pseudo-random directions (Hessian-vector products): isotropic if they agree
+  to ``1e-3`` relative.
+* **Are the targets a minimizer?** For regression losses (log-cosh, Huber,
+  ...; :math:`\nabla L(y) = 0`, tested to ``sqrt(eps)`` relative to the
+  gradient at the initial outputs) training converges to finite outputs with
+  positive curvature, and the Rosenbrock method with the true Jacobian
+  (:mod:`ntkflow._rosenbrock`) takes large steps at every stage of training.
+  For classification losses (cross-entropy) the minimizer is at infinity: the
+  softmax saturates, the curvature collapses and the problem loses its
+  stiffness, so an explicit method does well and the Rosenbrock method's
+  linear solves become ill-conditioned (measured: 5-10x slower).
 * **Is the request stiff?** Let :math:`S = c_0\,\lambda_\max\,\tau_\max`
   be the number of the fastest time scales of gradient flow within the
   horizon :math:`\tau_\max` (``learning_rate * max(t)``; with momentum
@@ -22,16 +28,19 @@ Two properties of a request decide (measured in ``benchmarks/RESULTS.md``):
   :math:`c_0` the curvature along the initial gradient. An explicit method
   needs at least about :math:`S / 3.3` steps of 6 kernel products each; the
   exponential integrator one ``eigh`` (about ``n`` kernel products) and a
-  few dozen steps: stiff means :math:`S > 0.55\,n + 100`.
+  few dozen steps, the Rosenbrock method one ``eigh`` and a few thousand
+  kernel-sized products. Stiff means :math:`S > 0.55\,n + 100` for the
+  exponential integrator and :math:`S > 0.55\,n + 3000` for the Rosenbrock
+  method.
 
-``auto`` picks ``"expo"`` for isotropic losses when the request is stiff or
-``t`` contains ``inf``, and ``"tsit5"`` (Tsitouras 5(4), explicit, with the
-test outputs kept out of the ODE state) otherwise: for anisotropic losses,
-short horizons, and when ``t`` or the initial outputs are traced (under
-``jax.jit``, ``jax.grad``, ``jax.vmap``: the horizon is unknown, and diffrax's
-solvers are reverse-mode differentiable while the exponential integrator's
-adaptive loop is not). Pass ``solver="expo"`` to force the exponential
-integrator (e.g. for MSE under ``jit``).
+``auto`` picks, when the request is stiff or ``t`` contains ``inf``:
+``"expo"`` for isotropic losses, ``"rodas5p"`` for regression losses; and
+``"tsit5"`` (Tsitouras 5(4), explicit, with the test outputs kept out of the
+ODE state) otherwise: for classification losses, short horizons, and when
+``t`` or the initial outputs are traced (under ``jax.jit``, ``jax.grad``,
+``jax.vmap``: the horizon is unknown, and diffrax's solvers are reverse-mode
+differentiable while the eigenbasis solvers' adaptive loops are not). Pass
+``solver="expo"`` or ``"rodas5p"`` to force one (e.g. under ``jit``).
 """
 
 from __future__ import annotations
@@ -43,11 +52,18 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from ntkflow._axes import outputs_to_2d
 from ntkflow._dynamics import Dynamics, FlatState
 from ntkflow._solvers import AbstractSolver, Tsit5
 from ntkflow._typing import is_concrete
 
-__all__ = ["AUTO", "choose_solver", "isotropic_curvature", "largest_eigenvalue"]
+__all__ = [
+    "AUTO",
+    "choose_solver",
+    "isotropic_curvature",
+    "largest_eigenvalue",
+    "targets_minimize",
+]
 
 AUTO = "auto"
 
@@ -95,18 +111,50 @@ def isotropic_curvature(dynamics: Dynamics, f: Array, rtol: float = 1e-3) -> Arr
     return (jnp.max(q) - jnp.min(q) <= rtol * jnp.max(jnp.abs(q))) & (jnp.min(q) > 0)
 
 
+@eqx.filter_jit
+def targets_minimize(dynamics: Dynamics, f0: Array) -> Array:
+    """Whether the gradient vanishes at the targets (a regression loss; see the module
+    docstring)."""
+    y = outputs_to_2d(dynamics.y, dynamics.loss.layout).astype(f0.dtype)
+    if y.shape != f0.shape:
+        return jnp.zeros((), bool)
+    rms = lambda x: jnp.sqrt(jnp.mean(jnp.square(x)))
+    g_y, g_0 = rms(dynamics.grad_fn(y)), rms(dynamics.grad_fn(f0))
+    return g_y <= jnp.sqrt(jnp.finfo(f0.dtype).eps) * g_0
+
+
+@eqx.filter_jit
+def _classify(
+    dynamics: Dynamics, y0: FlatState, taus: Array, lam_max: Array
+) -> tuple[Array, Array, Array, Array]:
+    """``(isotropic, targets minimize, any t infinite, S)`` in one compiled call."""
+    infinite = jnp.any(jnp.isinf(taus))
+    tau_max = jnp.max(jnp.where(jnp.isinf(taus), 0.0, taus), initial=0.0)
+    return (
+        isotropic_curvature(dynamics, y0.f),
+        targets_minimize(dynamics, y0.f),
+        infinite,
+        stiffness(dynamics, y0, tau_max, lam_max),
+    )
+
+
 def choose_solver(
     dynamics: Dynamics, y0: FlatState, taus: Array, lam_max: Array
 ) -> AbstractSolver:
     """The solver ``auto`` uses for this request (see the module docstring)."""
     from ntkflow._expo import Expo
+    from ntkflow._rosenbrock import Rodas5P
 
     if not is_concrete(taus, y0.f, lam_max):
         return Tsit5()
-    if not bool(isotropic_curvature(dynamics, y0.f)):
+    isotropic, minimize, infinite, s = jax.device_get(_classify(dynamics, y0, taus, lam_max))
+    stiff_solver: AbstractSolver
+    if isotropic:
+        stiff_solver, threshold = Expo(), 100
+    elif minimize:
+        stiff_solver, threshold = Rodas5P(), 3000
+    else:
         return Tsit5()
-    if bool(jnp.any(jnp.isinf(taus))):
-        return Expo()
-    tau_max = jnp.max(taus, initial=0.0)
-    s = float(stiffness(dynamics, y0, tau_max, lam_max))
-    return Expo() if s > 0.55 * dynamics.k.shape[0] + 100 else Tsit5()
+    if infinite or s > 0.55 * dynamics.k.shape[0] + threshold:
+        return stiff_solver
+    return Tsit5()

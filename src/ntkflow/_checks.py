@@ -34,6 +34,9 @@ __all__ = [
     "check_learning_rate",
     "check_momentum",
     "check_finite",
+    "raise_if_nonfinite",
+    "raise_nonfinite_initial_loss",
+    "check_kernel_and_targets",
     "check_times",
     "check_scalar_loss",
     "check_loss",
@@ -163,14 +166,28 @@ def check_finite(x: Any, name: str) -> Any:
         if jnp.issubdtype(arr.dtype, jnp.inexact) and arr.size:
             with jax.ensure_compile_time_eval():
                 bad = int(_count_nonfinite(arr))
-        if bad:
-            raise ValueError(
-                f"`{name}` must be finite; got {describe(arr)} with {bad} NaN or infinite "
-                f"entr{'y' if bad == 1 else 'ies'}."
-            )
+        raise_if_nonfinite(bad, arr, name)
         return x
     x = jnp.asarray(x)
     return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"`{name}` must be finite; got NaN/inf.")
+
+
+def raise_if_nonfinite(bad: int, arr: Any, name: str) -> None:
+    """:func:`check_finite`'s error, given the number ``bad`` of non-finite entries of ``arr``."""
+    if bad:
+        raise ValueError(
+            f"`{name}` must be finite; got {describe(arr)} with {bad} NaN or infinite "
+            f"entr{'y' if bad == 1 else 'ies'}."
+        )
+
+
+def _checkable_in_one_pass(*arrays: Any) -> bool:
+    """Concrete, non-empty floating arrays: value checks can be batched (one host transfer)."""
+    return all(
+        hasattr(a, "shape") and hasattr(a, "dtype") and is_concrete(a) and a.size
+        and jnp.issubdtype(a.dtype, jnp.inexact)
+        for a in arrays
+    )
 
 
 def check_times(t: Any, name: str = "t") -> Any:
@@ -232,11 +249,18 @@ def check_initial_loss(loss_fn: Callable[[Any, Any], Any], f0: Any, y: Any) -> N
         value = loss_fn(f0, y)
         finite = bool(jnp.isfinite(value))
     if not finite:
-        raise ValueError(
-            "`loss(fx_train_0, y_train)` must be finite at the initial outputs; got "
-            f"{float(value)!r}. Check `loss` (e.g. a log of zero or of a negative number), "
-            "`fx_train_0` and `y_train`."
-        )
+        raise_nonfinite_initial_loss(value)
+
+
+def raise_nonfinite_initial_loss(value: Any) -> None:
+    """:func:`check_initial_loss`'s error for a non-finite loss ``value``."""
+    with jax.ensure_compile_time_eval():
+        number = float(value)
+    raise ValueError(
+        "`loss(fx_train_0, y_train)` must be finite at the initial outputs; got "
+        f"{number!r}. Check `loss` (e.g. a log of zero or of a negative number), "
+        "`fx_train_0` and `y_train`."
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -334,16 +358,50 @@ def check_symmetric(k: Any, name: str, dtype: Any) -> None:
     k = jnp.asarray(k)
     if k.ndim != 2 or k.shape[0] != k.shape[1]:
         raise ValueError(f"`{name}` must be square once flattened; got shape {tuple(k.shape)}.")
-    tol, _ = kernel_tolerances(dtype)
     if k.size == 0:
         return
     with jax.ensure_compile_time_eval():
-        scale, asym = (float(v) for v in _symmetry_stats(k))
+        scale, asym = (float(v) for v in jax.device_get(_symmetry_stats(k)))
+    _raise_if_asymmetric(scale, asym, tuple(k.shape), name, dtype)
+
+
+def check_kernel_and_targets(
+    k: Any, y: Any, k_name: str, y_name: str, k_dtype: Any
+) -> tuple[Any, Any]:
+    """``check_finite`` on ``k`` then ``y``, then ``check_symmetric(k)``, in one device pass.
+
+    Same errors, in the same order, as the three checks run one after the
+    other (which is what happens for traced or unusual arrays); returns the
+    (possibly wrapped) ``(k, y)``.
+    """
+    square = getattr(k, "ndim", 0) == 2 and k.shape[0] == k.shape[1]
+    if not (square and _checkable_in_one_pass(k, y)):
+        k = check_finite(k, k_name)
+        y = check_finite(y, y_name)
+        check_symmetric(k, k_name, k_dtype)
+        return k, y
+    with jax.ensure_compile_time_eval():
+        bad_k, bad_y, scale, asym = jax.device_get(_kernel_and_targets_stats(k, y))
+    raise_if_nonfinite(int(bad_k), k, k_name)
+    raise_if_nonfinite(int(bad_y), y, y_name)
+    _raise_if_asymmetric(float(scale), float(asym), tuple(k.shape), k_name, k_dtype)
+    return k, y
+
+
+@jax.jit
+def _kernel_and_targets_stats(k: Any, y: Any) -> tuple[Any, Any, Any, Any]:
+    return (_count_nonfinite(k), _count_nonfinite(y), *_symmetry_stats(k))
+
+
+def _raise_if_asymmetric(
+    scale: float, asym: float, shape: tuple[int, ...], name: str, dtype: Any
+) -> None:
+    tol, _ = kernel_tolerances(dtype)
     if asym > tol * scale:
         raise ValueError(
             f"`{name}` must be symmetric (a kernel): max|K - K^T| must be at most {tol:g} * "
             f"max|K| = {tol * scale:.3g}; got max|K - K^T| = {asym:.3g} (for the flattened "
-            f"kernel of shape {tuple(k.shape)}). Check the layout: neural-tangents kernels "
+            f"kernel of shape {shape}). Check the layout: neural-tangents kernels "
             "interleave the axes of the two inputs, e.g. (n, n, k, k) rather than (n, k, n, k). "
             "If the asymmetry is round-off from a lower precision, pass (K + K^T) / 2."
         )
@@ -402,22 +460,61 @@ def _randomized_eigenvalue_range(k: Any) -> tuple[Any, Any]:
     return lowest, jnp.maximum(largest, jnp.abs(lowest))
 
 
+@jax.jit
+def _passes_shifted_cholesky(k: Any, tol: Any) -> Any:
+    """Whether ``S + (tol / 2) * b * I`` has a Cholesky factor, ``S = (K + K^T) / 2``.
+
+    ``b <= max|eig(S)|`` is a cheap lower bound (the largest ``|S_ii|`` and
+    ``|S v|`` over a few power iterates ``v`` of unit norm). Success means
+    ``min(eig) >= -(tol / 2) * b - e`` with ``e`` the round-off of the
+    factorization (far below ``(tol / 2) * max|eig|``, as ``tol >= 1000 eps``),
+    so ``min(eig) >= -tol * max|eig|``: the kernel passes the exact check.
+    Failure decides nothing (the exact check then runs).
+    """
+    s = 0.5 * (k + k.T)
+    n = s.shape[0]
+    tiny = jnp.finfo(s.dtype).tiny
+    v = jnp.ones((n,), s.dtype) / jnp.sqrt(jnp.asarray(n, s.dtype))
+    v = v + 1e-3 * jnp.sin(jnp.arange(n, dtype=s.dtype))
+    v = v / jnp.linalg.norm(v)
+
+    def body(_: int, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+        v, bound = carry
+        w = s @ v
+        norm = jnp.linalg.norm(w)
+        return w / jnp.maximum(norm, tiny), jnp.maximum(bound, norm)
+
+    _, bound = jax.lax.fori_loop(0, 8, body, (v, jnp.max(jnp.abs(jnp.diagonal(s)))))
+    shifted = s + (0.5 * tol * bound) * jnp.eye(n, dtype=s.dtype)
+    factor = jax.lax.linalg.cholesky(shifted, symmetrize_input=False)
+    return jnp.all(jnp.isfinite(factor))
+
+
 def check_psd(k: Any, name: str, dtype: Any, hint: str = "") -> None:
     """A flat kernel must be positive semi-definite up to round-off (eagerly, when concrete).
 
-    Costs one ``eigvalsh`` (O(n^3)), once per predictor, for up to
-    ``PSD_EXACT_MAX_ROWS`` rows; above that, power iterations (90 kernel
-    products) that estimate the lowest eigenvalue from above, which catches
-    clearly indefinite kernels but may miss slightly negative ones.
+    For up to ``PSD_EXACT_MAX_ROWS`` rows the check is exact: a shifted
+    Cholesky factorization (O(n^3 / 3)) accepts a kernel whose lowest eigenvalue
+    is clearly above the tolerance; otherwise (an indefinite kernel, or one
+    close to the tolerance) one ``eigvalsh`` decides and gives the numbers for
+    the message. Above ``PSD_EXACT_MAX_ROWS`` rows, power iterations (90 kernel
+    products) estimate the lowest eigenvalue from above, which catches clearly
+    indefinite kernels but may miss slightly negative ones.
     """
     if not is_concrete(k):
         return
     k = jnp.asarray(k)
     if k.size == 0:
         return
-    stats = _eigenvalue_range if k.shape[0] <= PSD_EXACT_MAX_ROWS else _randomized_eigenvalue_range
+    exact = k.shape[0] <= PSD_EXACT_MAX_ROWS
+    if exact:
+        _, tol = kernel_tolerances(dtype)
+        with jax.ensure_compile_time_eval():
+            if bool(_passes_shifted_cholesky(k, tol)):
+                return
+    stats = _eigenvalue_range if exact else _randomized_eigenvalue_range
     with jax.ensure_compile_time_eval():
-        lowest, largest = (float(v) for v in stats(k))
+        lowest, largest = (float(v) for v in jax.device_get(stats(k)))
     _check_eigenvalue_range(lowest, largest, name, dtype, hint)
 
 

@@ -8,6 +8,9 @@ if any time is infinite, and puts the results back in the requested order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,7 @@ from ntkflow._solvers import AbstractSolver, SolveInfo
 
 __all__ = ["solve_at"]
 
+
 @eqx.filter_jit
 def solve_at(
     dynamics: Dynamics,
@@ -29,12 +33,15 @@ def solve_at(
     atol: float,
     max_steps: int,
     infinite: bool | None = None,
-) -> tuple[FlatState, SolveInfo]:
+    readout: Callable[[Dynamics, Float[Array, " m"], FlatState], Any] | None = None,
+) -> tuple[Any, SolveInfo]:
     """States at ``taus`` (any order, repeats, ``inf``), in the order given.
 
     ``infinite`` says whether ``taus`` contains ``inf`` when that is known
     before tracing (then only the needed branch is compiled); ``None``: decide
-    at run time.
+    at run time. ``readout``: if given, ``readout(dynamics, taus, states)`` is
+    returned instead of the states, computed in the same compiled program (a
+    pytree, e.g. an ``equinox.Module``, whose arrays are traced).
     """
     order = jnp.argsort(taus)
     sorted_taus = taus[order]
@@ -79,4 +86,6 @@ def solve_at(
         num_rhs=info.num_rhs + jnp.where(jnp.any(is_inf), info_inf.num_rhs, 0),
         code=jnp.where(info.ok, info_inf.code, info.code),
     )
+    if readout is not None:
+        return readout(dynamics, taus, ys), merged
     return ys, merged

@@ -133,12 +133,15 @@ def converged(
 class AbstractSolver(eqx.Module):
     """A strategy to integrate :class:`ntkflow._dynamics.Dynamics`.
 
-    Subclasses are final and declare ``name`` and whether they are ``stiff``
-    (able to take steps far beyond the fastest time scale of the kernel).
+    Subclasses are final and declare ``name``, whether they are ``stiff``
+    (able to take steps far beyond the fastest time scale of the kernel) and
+    whether they work in the kernel's ``eigenbasis`` (then the predictor computes
+    ``Dynamics.eigen`` once, before solving).
     """
 
     name: ClassVar[str]
     stiff: ClassVar[bool]
+    eigenbasis: ClassVar[bool] = False
 
     @abc.abstractmethod
     def integrate(

@@ -15,6 +15,7 @@ and ``trace_axes=(-1,)``, ``(n, n, k, k)`` for ``trace_axes=()``), and is read a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike
 
-from ntkflow import _checks
+# _expo and _rosenbrock register the solvers 'expo' and 'rodas5p' in SOLVERS.
+from ntkflow import _checks, _expo, _rosenbrock  # noqa: F401
 from ntkflow._auto import AUTO, choose_solver, largest_eigenvalue
 from ntkflow._axes import (
     Layout,
@@ -42,7 +44,6 @@ from ntkflow._discrete import (
 )
 from ntkflow._dynamics import Dynamics, FlatLoss
 from ntkflow._eigen import Eigen, add_diagonal_regularizer
-from ntkflow._expo import Expo
 from ntkflow._mse import MSEFlow
 from ntkflow._ode import solve_at
 from ntkflow._solvers import FAILURE_MESSAGES, SOLVERS, AbstractSolver, SolveInfo
@@ -106,9 +107,9 @@ class _Boundary:
         #: The kernel's own precision (sets the symmetry / PSD tolerances).
         self.k_dtype = float_dtype(k_train_train)
         k = kernel_to_2d(jnp.asarray(k_train_train, self.dtype))
-        self.k = _checks.check_finite(k, "k_train_train")
-        self.y = _checks.check_finite(jnp.asarray(y_train, self.dtype), "y_train")
-        _checks.check_symmetric(self.k, "k_train_train", self.k_dtype)
+        self.k, self.y = _checks.check_kernel_and_targets(
+            k, jnp.asarray(y_train, self.dtype), "k_train_train", "y_train", self.k_dtype
+        )
 
     def test_rows_shape(self, k_test_train: ArrayLike) -> tuple[int, ...]:
         first, _ = kernel_rows_shapes(
@@ -121,25 +122,42 @@ class _Boundary:
 
     def to_flat(self, x: ArrayLike, rows_shape: tuple[int, ...], name: str) -> Array:
         """Broadcast ``x`` to the outputs' shape and flatten it."""
+        return _flatten(self.input_array(x, rows_shape, name), self.layout, rows_shape, self.dtype)
+
+    def input_array(self, x: ArrayLike, rows_shape: tuple[int, ...], name: str) -> Array:
+        """``x`` as an array that broadcasts to the outputs' shape (else an error naming it)."""
         shape = self.layout.output_shape(rows_shape)
         # Python scalars and lists take the kernel's/targets' dtype (weak typing).
         x = jnp.asarray(_checks.check_array(x, name), None if hasattr(x, "dtype") else self.dtype)
-        try:
-            x = jnp.broadcast_to(x, shape)
-        except ValueError:
+        if not _checks.broadcasts_to(x.shape, shape):
             raise ValueError(
                 f"`{name}` must be a scalar or broadcastable to shape {shape}; "
                 f"got shape {tuple(x.shape)}."
-            ) from None
-        x = x.astype(jnp.result_type(self.dtype, x.dtype))
-        return outputs_to_2d(x, self.layout)
+            )
+        return x
 
     def from_flat(self, x: Array, rows_shape: tuple[int, ...], t_shape: tuple) -> Array:
-        x = outputs_from_2d(x, self.layout, rows_shape)
-        return x.reshape(t_shape + x.shape[1:])
+        return _from_flat(x, self.layout, rows_shape, t_shape)
 
     def flat_loss(self, loss: Callable[[Array, Array], Any]) -> FlatLoss:
         return FlatLoss(loss, self.layout, self.rows_shape)
+
+
+def _flatten(
+    x: Array, layout: Layout, rows_shape: tuple[int, ...], dtype: np.dtype
+) -> Array:
+    """An output-shaped input (see ``_Boundary.input_array``), broadcast and flattened."""
+    x = jnp.broadcast_to(x, layout.output_shape(rows_shape))
+    x = x.astype(jnp.result_type(dtype, x.dtype))
+    return outputs_to_2d(x, layout)
+
+
+def _from_flat(
+    x: Array, layout: Layout, rows_shape: tuple[int, ...], t_shape: tuple[int, ...]
+) -> Array:
+    """Flat outputs at flattened times, ``(m, rows, traced)``, to ``t_shape + output shape``."""
+    x = outputs_from_2d(x, layout, rows_shape)
+    return x.reshape(t_shape + x.shape[1:])
 
 
 def _check_predict_inputs(fx_train_or_state_0: Any, fx_test_0: Any, k_test_train: Any) -> None:
@@ -178,6 +196,142 @@ def _times(t: Any, dtype: np.dtype) -> Array:
     t = np.inf if t is None else t
     t = _checks.check_times(t)
     return jnp.asarray(t, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_value(flat_loss: FlatLoss, f: Array, y: Array) -> Array:
+    return flat_loss.value(f, y)
+
+
+def _loss_shape(flat_loss: FlatLoss, f: Array, y: Array) -> Any:
+    """``jax.eval_shape`` of the loss; traced once per loss, layout and shapes."""
+    try:
+        hash(flat_loss)
+    except TypeError:  # e.g. a loss object holding arrays
+        return jax.eval_shape(flat_loss.value, f, y)
+    return _loss_value.eval_shape(flat_loss, f, y)
+
+
+class _Readout(eqx.Module):
+    """A ``gradient_descent`` predictor's outputs from the solver's states.
+
+    Called by :func:`ntkflow._ode.solve_at` inside its compiled program: the
+    test outputs and the reshapes to the caller's layout and times add no
+    separate dispatches. Returns ``(fx_train, qx_train, fx_test, qx_test)``
+    (``None`` where not computed).
+    """
+
+    f_test0: Array | None
+    q_test0: Array | None
+    k_test: Array | None
+    layout: Layout = eqx.field(static=True)
+    rows_shape: tuple[int, ...] = eqx.field(static=True)
+    test_rows: tuple[int, ...] | None = eqx.field(static=True)
+    t_shape: tuple[int, ...] = eqx.field(static=True)
+
+    def __call__(self, dynamics: Dynamics, taus: Array, ys: Any) -> tuple[Any, Any, Any, Any]:
+        fx = _from_flat(ys.f, self.layout, self.rows_shape, self.t_shape)
+        qx = None if ys.q is None else _from_flat(ys.q, self.layout, self.rows_shape, self.t_shape)
+        if self.test_rows is None:
+            return fx, qx, None, None
+        assert self.f_test0 is not None and self.k_test is not None
+        ft, qt = dynamics.test_outputs(taus, ys, self.f_test0, self.q_test0, self.k_test)
+        fx_test = _from_flat(ft, self.layout, self.test_rows, self.t_shape)
+        qx_test = None if qt is None else _from_flat(qt, self.layout, self.test_rows, self.t_shape)
+        return fx, qx, fx_test, qx_test
+
+
+@functools.partial(
+    jax.jit, static_argnames=("layout", "rows_shape", "test_rows", "dtype", "flat_loss")
+)
+def _prepare(
+    times: Array,
+    scale: Any,
+    fx0: Array,
+    qx0: Array | None,
+    fxt0: Array | None,
+    qxt0: Array | None,
+    k_test: Array | None,
+    y: Array,
+    *,
+    layout: Layout,
+    rows_shape: tuple[int, ...],
+    test_rows: tuple[int, ...] | None,
+    dtype: np.dtype,
+    flat_loss: FlatLoss,
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Flat times and inputs, and what their value checks need, in one compiled program."""
+    tau = (times * scale).reshape(-1)
+    f0 = _flatten(fx0, layout, rows_shape, dtype)
+    q0 = None if qx0 is None else _flatten(qx0, layout, rows_shape, dtype)
+    ft0 = qt0 = kt = None
+    if test_rows is not None:
+        assert fxt0 is not None and k_test is not None
+        ft0 = _flatten(fxt0, layout, test_rows, dtype)
+        qt0 = None if qxt0 is None else _flatten(qxt0, layout, test_rows, dtype)
+        kt = kernel_to_2d(k_test)
+    bad = lambda x: None if x is None else jnp.sum(~jnp.isfinite(x))
+    stats = (
+        bad(f0), flat_loss.value(f0, y), bad(q0), bad(ft0), bad(qt0), bad(kt),
+        jnp.any(jnp.isinf(tau)),
+    )
+    return (tau, f0, q0, ft0, qt0, kt), stats
+
+
+def _prepare_concrete(
+    b: _Boundary,
+    flat_loss: FlatLoss,
+    times: Array,
+    scale: Any,
+    fx_train_0: Any,
+    qx_train_0: Any,
+    fx_test_0: Any,
+    qx_test_0: Any,
+    k_test_train: Any,
+    test_rows: tuple[int, ...] | None,
+) -> tuple[Any, ...] | None:
+    """``(tau, f0, q0, ft0, qt0, kt, infinite)`` for a predictor call on concrete inputs.
+
+    The conversions and value checks of the step-by-step path in one compiled
+    program and one device-to-host transfer, with the same errors in the same
+    order. ``None`` when that path must run instead: traced inputs (the checks
+    then go through ``equinox.error_if``), or an input with a wrong type or
+    shape (whose error must come after those of the inputs before it).
+    """
+    with_test = test_rows is not None
+    arrays = (times, scale, fx_train_0, qx_train_0, fx_test_0, qx_test_0, k_test_train, b.k, b.y)
+    if not is_concrete(*arrays) or np.shape(scale) != ():
+        return None
+    try:
+        hash(flat_loss)
+        fx0 = b.input_array(
+            0.0 if fx_train_0 is None else fx_train_0, b.rows_shape, "fx_train_0"
+        )
+        qx0 = None if qx_train_0 is None else b.input_array(qx_train_0, b.rows_shape, "qx_train")
+        fxt0 = qxt0 = kt = None
+        if with_test:
+            assert test_rows is not None
+            fxt0 = b.input_array(fx_test_0, test_rows, "fx_test_0")
+            qxt0 = None if qx_test_0 is None else b.input_array(qx_test_0, test_rows, "qx_test")
+            kt = jnp.asarray(k_test_train, b.dtype)
+    except (TypeError, ValueError):
+        return None
+    flat, stats = _prepare(
+        times, scale, fx0, qx0, fxt0, qxt0, kt, b.y, layout=b.layout, rows_shape=b.rows_shape,
+        test_rows=test_rows, dtype=b.dtype, flat_loss=flat_loss,
+    )
+    if not is_concrete(flat, stats):  # called while tracing (e.g. closed-over constants)
+        return None
+    bad_f0, loss0, bad_q0, bad_ft0, bad_qt0, bad_kt, infinite = jax.device_get(stats)
+    tau, f0, q0, ft0, qt0, kt = flat
+    _checks.raise_if_nonfinite(int(bad_f0), f0, "fx_train_0")
+    if not np.isfinite(loss0):
+        _checks.raise_nonfinite_initial_loss(loss0)
+    for x, count, name in ((q0, bad_q0, "qx_train"), (ft0, bad_ft0, "fx_test_0"),
+                           (qt0, bad_qt0, "qx_test"), (kt, bad_kt, "k_test_train")):
+        if x is not None:
+            _checks.raise_if_nonfinite(int(count), x, name)
+    return tau, f0, q0, ft0, qt0, kt, bool(infinite)
 
 
 def _report(info: SolveInfo, scale: Any, out: Any) -> Any:
@@ -402,7 +556,11 @@ def gradient_descent(
     # Visible precomputation: the eigendecomposition for the exponential integrator (which
     # also serves the PSD check), and the largest eigenvalue for the `auto` choice (a few
     # power iterations).
-    eigen = Eigen.of(b.k) if isinstance(solver_obj, Expo) else None
+    eigen = (
+        Eigen.of(b.k)
+        if isinstance(solver_obj, AbstractSolver) and solver_obj.eigenbasis
+        else None
+    )
     if eigen is not None:
         _checks.check_psd_eigen(eigen, "k_train_train", b.k_dtype, _PSD_HINT)
     else:
@@ -414,7 +572,7 @@ def gradient_descent(
     max_steps = _checks.check_max_steps(max_steps)
 
     flat_loss = b.flat_loss(loss)
-    _checks.check_scalar_loss(jax.eval_shape(flat_loss.value, outputs_to_2d(b.y, b.layout), b.y))
+    _checks.check_scalar_loss(_loss_shape(flat_loss, outputs_to_2d(b.y, b.layout), b.y))
     if momentum is None:
         scale: Any = learning_rate
         damping = None
@@ -450,45 +608,48 @@ def gradient_descent(
             test_shape = None if test_rows is None else b.layout.output_shape(test_rows)
             _checks.check_ode_state(fx_train_or_state_0, momentum, b.y_shape, test_shape)
 
-        tau = _times(t, b.dtype) * scale
-        t_shape = tuple(tau.shape)
-        tau = tau.reshape(-1)
-
-        f0 = b.to_flat(0.0 if fx_train_0 is None else fx_train_0, b.rows_shape, "fx_train_0")
-        f0 = _checks.check_finite(f0, "fx_train_0")
-        _checks.check_initial_loss(flat_loss.value, f0, b.y)
-        q0 = None if qx_train_0 is None else b.to_flat(qx_train_0, b.rows_shape, "qx_train")
-        q0 = _checks.check_finite(q0, "qx_train")
-        if with_test:
-            assert k_test_train is not None and fx_test_0 is not None and test_rows is not None
-            ft0 = b.to_flat(fx_test_0, test_rows, "fx_test_0")
-            ft0 = _checks.check_finite(ft0, "fx_test_0")
-            qt0 = None if qx_test_0 is None else b.to_flat(qx_test_0, test_rows, "qx_test")
-            qt0 = _checks.check_finite(qt0, "qx_test")
-            kt = _checks.check_finite(b.flat_kernel(k_test_train), "k_test_train")
+        times = _times(t, b.dtype)
+        kt = ft0 = qt0 = None
+        prepared = _prepare_concrete(
+            b, flat_loss, times, scale, fx_train_0, qx_train_0, fx_test_0, qx_test_0,
+            k_test_train, test_rows,
+        )
+        if prepared is not None:
+            tau, f0, q0, ft0, qt0, kt, infinite = prepared
+            t_shape = tuple(times.shape)
+        else:  # traced (under jax.jit etc.), or an input error to report in order
+            tau = times * scale
+            t_shape = tuple(tau.shape)
+            tau = tau.reshape(-1)
+            f0 = b.to_flat(
+                0.0 if fx_train_0 is None else fx_train_0, b.rows_shape, "fx_train_0"
+            )
+            f0 = _checks.check_finite(f0, "fx_train_0")
+            _checks.check_initial_loss(flat_loss.value, f0, b.y)
+            q0 = None if qx_train_0 is None else b.to_flat(qx_train_0, b.rows_shape, "qx_train")
+            q0 = _checks.check_finite(q0, "qx_train")
+            if with_test:
+                assert k_test_train is not None and fx_test_0 is not None and test_rows is not None
+                ft0 = b.to_flat(fx_test_0, test_rows, "fx_test_0")
+                ft0 = _checks.check_finite(ft0, "fx_test_0")
+                qt0 = None if qx_test_0 is None else b.to_flat(qx_test_0, test_rows, "qx_test")
+                qt0 = _checks.check_finite(qt0, "qx_test")
+                kt = _checks.check_finite(b.flat_kernel(k_test_train), "k_test_train")
+            infinite = bool(jnp.any(jnp.isinf(tau))) if is_concrete(tau) else None
         dyn = Dynamics(b.k.astype(f0.dtype), flat_loss, b.y, damping, with_test, eigen)
         y0 = dyn.initial_state(f0, q0)
         chosen = solver_obj
         if isinstance(chosen, str):
             assert lam_max is not None
             chosen = choose_solver(dyn, y0, tau, lam_max)
-            if isinstance(chosen, Expo):
+            if chosen.eigenbasis:
                 eigen_now = Eigen.of(dyn.k)
                 dyn = Dynamics(dyn.k, flat_loss, b.y, damping, with_test, eigen_now)
-        infinite = bool(jnp.any(jnp.isinf(tau))) if is_concrete(tau) else None
-        ys, info = solve_at(
-            dyn, y0, tau.astype(f0.dtype), chosen, rtol_, atol_, max_steps, infinite
+        readout = _Readout(ft0, qt0, kt, b.layout, b.rows_shape, test_rows, t_shape)
+        outputs, info = solve_at(
+            dyn, y0, tau.astype(f0.dtype), chosen, rtol_, atol_, max_steps, infinite, readout
         )
-
-        fx_train_t = b.from_flat(ys.f, b.rows_shape, t_shape)
-        qx_train_t = None if ys.q is None else b.from_flat(ys.q, b.rows_shape, t_shape)
-        fx_test_t = qx_test_t = None
-        if with_test:
-            assert test_rows is not None
-            ft, qt = dyn.test_outputs(tau.astype(f0.dtype), ys, ft0, qt0, kt)
-            fx_test_t = b.from_flat(ft, test_rows, t_shape)
-            if qt is not None:
-                qx_test_t = b.from_flat(qt, test_rows, t_shape)
+        fx_train_t, qx_train_t, fx_test_t, qx_test_t = outputs
 
         if is_state:
             out: Any = ODEState(

@@ -1,0 +1,205 @@
+r"""The adaptive step loop shared by the solvers that work in the kernel's eigenbasis.
+
+:class:`EigenbasisSolver` implements the solver contract (``integrate`` to
+sorted finite times, ``converge`` to the end of training) once, for one-step
+methods whose state (the "carry") lives in eigen-coordinates
+:math:`z = V^T F`, :math:`q = V^T Q` of the eigendecomposition
+:math:`K = V \Lambda V^T` (``Dynamics.eigen``, computed once per predictor).
+A method supplies ``_start`` (the carry of an initial state), ``_step`` (one
+step and its scaled error estimate) and ``error_exponent``; step sizes follow
+the standard controller :math:`h_{n+1} = h_n \min(10, \max(0.2, 0.9\,
+\text{err}^{-1/p}))`.
+
+The carry always holds ``z``, ``q`` (momentum, else ``None``) and the gradient
+integrals on null modes ``b`` (:math:`S_1`) and ``c`` (:math:`S_2`, momentum).
+On non-null modes the gradient integrals that give the test outputs are exact
+functions of the train state (e.g. :math:`V^T S_1 = -(z - z_0)/\Lambda`
+without momentum, because :math:`F' = -K G`), so only null modes need
+quadrature; :meth:`EigenbasisSolver._state` assembles the flat state.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from ntkflow._dynamics import Dynamics, FlatState
+from ntkflow._eigen import Eigen, phi1
+from ntkflow._solvers import AbstractSolver, SolveInfo, converged, projected_gradient
+
+__all__ = ["EigenbasisSolver", "rms"]
+
+_SAFETY, _FAC_MIN, _FAC_MAX = 0.9, 0.2, 10.0
+
+
+def rms(x: Array) -> Array:
+    """Root-mean-square of all entries."""
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+class EigenbasisSolver(AbstractSolver):
+    """Base of adaptive one-step methods on eigen-coordinates (see the module docstring)."""
+
+    stiff: ClassVar[bool] = True
+    eigenbasis: ClassVar[bool] = True
+    #: ``p`` in the step-size controller: the order of the error estimate plus one.
+    error_exponent: ClassVar[float]
+
+    # -- what a method supplies -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _start(self, dyn: Dynamics, eig: Eigen, y0: FlatState) -> Any:
+        """The carry at ``y0`` (gradient integrals on null modes start at zero)."""
+
+    @abc.abstractmethod
+    def _step(
+        self, dyn: Dynamics, eig: Eigen, x: Any, h: Array, rtol: float, atol: float
+    ) -> tuple[Any, Array]:
+        """One step of size ``h``: the new carry and the error relative to the tolerance.
+
+        The step is accepted if ``err <= 1``; a large finite ``err`` rejects it (the
+        next try is 5x shorter); a non-finite ``err`` ends the solve as failed
+        (non-finite values).
+        """
+
+    # -- shared machinery -----------------------------------------------------------------------
+
+    def _next_h(self, h: Array, err: Array) -> Array:
+        fac = _SAFETY * jnp.where(err > 0, err, 1e-10) ** (-1.0 / self.error_exponent)
+        return h * jnp.clip(fac, _FAC_MIN, _FAC_MAX)
+
+    @staticmethod
+    def _initial_h(dyn: Dynamics, y0: FlatState, rtol: float, atol: float) -> Array:
+        kg = dyn.k @ dyn.grad_fn(y0.f)
+        if y0.q is None:
+            d1, scale = rms(kg), atol + rtol * rms(y0.f)
+        else:
+            assert dyn.damping is not None
+            d1 = rms(jnp.stack([y0.q, -kg + dyn.damping * y0.q]))
+            scale = atol + rtol * rms(jnp.stack([y0.f, y0.q]))
+        return jnp.where(d1 > 0, 0.01 * scale / jnp.where(d1 > 0, d1, 1), 1.0)
+
+    @staticmethod
+    def _eigen(dyn: Dynamics) -> Eigen:
+        return dyn.eigen if dyn.eigen is not None else Eigen.of(dyn.k)
+
+    @staticmethod
+    def _outputs(eig: Eigen, x: Any) -> FlatState:
+        """Train outputs (and velocities) of a carry, without the gradient integrals."""
+        q = None if x.q is None else eig.evecs @ x.q
+        return FlatState(eig.evecs @ x.z, q, None, None)
+
+    @staticmethod
+    def _state(dyn: Dynamics, eig: Eigen, x0: Any, x: Any, tau: Array) -> FlatState:
+        """The flat state at time ``tau`` (since the start ``x0`` of this solve)."""
+        v = eig.evecs
+        null = eig.null[:, None]
+        lam = jnp.where(null, 1.0, eig.evals[:, None])
+        q = None if x.q is None else v @ x.q
+        if not dyn.with_test:
+            return FlatState(v @ x.z, q, None, None)
+        if x.q is None:
+            s1 = jnp.where(null, x.b, -(x.z - x0.z) / lam)
+            return FlatState(v @ x.z, None, v @ s1, None)
+        assert dyn.damping is not None and x0.q is not None and x.c is not None
+        d = jnp.asarray(dyn.damping, x.z.dtype)
+        decay = jnp.exp(d * tau)
+        phi = phi1(-d[None], tau[None])[0, 0]  # (e^{d tau} - 1) / d
+        s1 = jnp.where(null, x.b, (decay * x0.q - x.q) / lam)
+        s2 = jnp.where(null, x.c, (x0.z + phi * x0.q - x.z) / lam)
+        return FlatState(v @ x.z, q, v @ s1, v @ s2)
+
+    @staticmethod
+    def _add_integrals(dyn: Dynamics, y0: FlatState, y: FlatState, tau: Array) -> FlatState:
+        """Compose gradient integrals: those up to ``y0`` followed by those since ``y0``."""
+        assert y.s1 is not None and y0.s1 is not None
+        if dyn.damping is None:
+            return FlatState(y.f, y.q, y0.s1 + y.s1, None)
+        assert y.s2 is not None and y0.s2 is not None
+        d = jnp.asarray(dyn.damping, y.f.dtype)
+        decay = jnp.exp(d * tau)
+        phi = phi1(-d[None], tau[None])[0, 0]
+        # s1(T + tau) = e^{d tau} s1(T) + s1_new; s2(T + tau) = s2(T) + phi * s1(T) + s2_new.
+        return FlatState(y.f, y.q, decay * y0.s1 + y.s1, y0.s2 + phi * y0.s1 + y.s2)
+
+    # -- the contract ---------------------------------------------------------------------------
+
+    def integrate(self, dynamics, y0, taus, *, rtol, atol, max_steps):
+        eig = self._eigen(dynamics)
+        x0 = self._start(dynamics, eig, y0)
+        m = taus.shape[0]
+        saved = jax.tree.map(lambda a: jnp.zeros((m,) + a.shape, a.dtype), x0)
+        h0 = self._initial_h(dynamics, y0, rtol, atol)
+        tau0 = jnp.zeros((), taus.dtype)
+
+        def cond(c):
+            tau, x, h, i, saved, n, ok = c
+            return (i < m) & (n < max_steps) & ok
+
+        def body(c):
+            tau, x, h, i, saved, n, ok = c
+            target = taus[jnp.minimum(i, m - 1)]
+            at_target = tau >= target
+            # Record (repeated targets take one iteration each, without stepping).
+            saved = jax.tree.map(
+                lambda s, v: jnp.where(at_target, s.at[i].set(v), s), saved, x
+            )
+            h_try = jnp.minimum(h, target - tau)
+            x1, err = self._step(dynamics, eig, x, h_try, rtol, atol)
+            accept = (err <= 1.0) & ~at_target
+            hit = h_try >= target - tau
+            new_tau = jnp.where(accept, jnp.where(hit, target, tau + h_try), tau)
+            x = jax.tree.map(lambda a, b: jnp.where(accept, a, b), x1, x)
+            h_next = jnp.where(at_target, h, self._next_h(h_try, err))
+            h_next = jnp.where(accept & hit, jnp.maximum(h_next, h), h_next)
+            ok = ok & (jnp.isfinite(err) | at_target)
+            return (new_tau, x, h_next, i + at_target, saved, n + ~at_target, ok)
+
+        init = (tau0, x0, h0, jnp.zeros((), jnp.int32), saved, jnp.zeros((), jnp.int32),
+                jnp.ones((), bool))
+        tau, _, _, i, saved, n, ok = jax.lax.while_loop(cond, body, init)
+        ys = jax.vmap(lambda x, t: self._state(dynamics, eig, x0, x, t))(saved, taus)
+        done = i >= m
+        code = jnp.where(done, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)
+        return ys, SolveInfo(done, tau, n, jnp.asarray(-1), code)
+
+    def converge(self, dynamics, y0, tau0, eigen, *, rtol, atol, max_steps):
+        eig = self._eigen(dynamics)
+        # Continue from y0 at tau0; the gradient integrals restart from y0's.
+        x0 = self._start(dynamics, eig, y0)
+        loss0 = dynamics.loss_fn(y0.f)
+        _, curvature0 = projected_gradient(dynamics, eigen, y0.f)
+        h0 = self._initial_h(dynamics, y0, rtol, atol)
+
+        def is_done(x):
+            return converged(
+                dynamics, eigen, self._outputs(eig, x), loss0, curvature0, rtol, atol
+            )
+
+        def cond(c):
+            tau, x, h, n, done, ok = c
+            return ~done & (n < max_steps) & ok
+
+        def body(c):
+            tau, x, h, n, done, ok = c
+            x1, err = self._step(dynamics, eig, x, h, rtol, atol)
+            accept = err <= 1.0
+            tau = jnp.where(accept, tau + h, tau)
+            x = jax.tree.map(lambda a, b: jnp.where(accept, a, b), x1, x)
+            done = accept & is_done(x)
+            return (tau, x, self._next_h(h, err), n + 1, done, ok & jnp.isfinite(err))
+
+        init = (jnp.zeros_like(tau0), x0, h0, jnp.zeros((), jnp.int32), is_done(x0),
+                jnp.ones((), bool))
+        tau, x, _, n, done, ok = jax.lax.while_loop(cond, body, init)
+        code = jnp.where(done, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)
+        y = self._state(dynamics, eig, x0, x, tau)
+        # Gradient integrals are relative to y0: add y0's own.
+        if dynamics.with_test:
+            assert y.s1 is not None and y0.s1 is not None
+            y = self._add_integrals(dynamics, y0, y, tau)
+        return y, SolveInfo(done, tau0 + tau, n, jnp.asarray(-1), code)

@@ -1,0 +1,361 @@
+r"""A Rosenbrock method in the kernel's eigenbasis, for stiff dynamics whose curvature varies.
+
+The exponential integrator (:mod:`ntkflow._expo`) is exact when the loss
+Hessian is a multiple of the identity (MSE). When it varies across outputs
+(log-cosh, Huber, cross-entropy, ...), the Jacobian of gradient flow,
+:math:`J = -K H` with :math:`H = \nabla^2_F L`, is stiff *and* not diagonal in
+the kernel's eigenbasis, and a scalar-curvature linearization leaves a stiff
+remainder. This module uses the true Jacobian instead, through a linearly
+implicit (Rosenbrock) method whose linear systems are solved matrix-free.
+
+**The method.** Rodas5P (Steinebach 2023): 8 stages, order 5 with an embedded
+order-4 estimate, L-stable and stiffly accurate. Each stage solves
+
+.. math::
+
+    (I - h\gamma J) K_i = h\gamma \Big( f\big(y + \textstyle\sum_j a_{ij} K_j\big)
+        + \textstyle\sum_j \tfrac{c_{ij}}{h} K_j \Big),
+
+with :math:`J` the Jacobian at the start of the step, :math:`y_{n+1} = y_n +
+\sum_j m_j K_j` and the error estimate :math:`K_8`.
+
+**The linear systems.** In scaled eigen-coordinates :math:`u = \Lambda^{-1/2}
+V^T F` (null modes, :math:`\lambda = 0`, are fixed points of the train
+dynamics), :math:`J` becomes :math:`-B` with :math:`B = \Lambda^{1/2} V^T H V
+\Lambda^{1/2}` symmetric positive semi-definite, so each stage system is
+:math:`(\sigma I + \beta B) X = r` (:math:`\sigma = 1,\ \beta = h\gamma` for
+gradient descent; for momentum, eliminating the velocity stage gives
+:math:`\sigma = 1 - h\gamma d,\ \beta = (h\gamma)^2`). It is solved by
+preconditioned conjugate gradients with the preconditioner :math:`(\sigma I +
+\beta c \Lambda)^{-1}`, diagonal in the eigenbasis, where :math:`c` is the
+loss curvature along the gradient. The preconditioned matrix has its
+eigenvalues between :math:`\min(1, h_\min / c)` and :math:`\max(1, h_\max /
+c)` (:math:`h` the extreme eigenvalues of :math:`H`), whatever the stiffness:
+a few iterations, each one Hessian-vector product and two products with the
+eigenvector matrix, reach the tolerance
+:math:`10^{-2}(\text{atol} + \text{rtol}\,\|z\|)`. The eight stage systems of
+a step share their matrix, so each solve starts from the Galerkin
+approximation in the span of the previous stages' solutions (whose products
+with the matrix are known), which halves the iterations. A solve that does
+not converge in 25 iterations rejects the step (the next try is shorter, so
+the system is better conditioned).
+
+**Test outputs and null modes.** The gradient integrals on null modes
+(:math:`S_1`, and :math:`S_2` with momentum; see :mod:`ntkflow._dynamics`)
+are extra components of the Rosenbrock system, with their exact Jacobian rows
+(the products they need come out of the conjugate-gradient iterations). On
+non-null modes they follow from the train state (:mod:`ntkflow._adaptive`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array
+
+from ntkflow._adaptive import EigenbasisSolver, rms
+from ntkflow._dynamics import Dynamics, FlatState
+from ntkflow._eigen import Eigen
+from ntkflow._solvers import SOLVERS
+
+__all__ = ["Rodas5P"]
+
+
+def _rodas5p() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Rodas5P in the transformed form (``a``, ``c``, ``m``, ``e``, ``gamma``).
+
+    Coefficients from G. Steinebach, "Construction of Rosenbrock-Wanner method
+    Rodas5P and numerical benchmarks within the Julia Differential Equations
+    package", BIT Numer. Math. 63 (2023). Stages 7 and 8 continue from stage 6
+    (stiff accuracy): ``y7 = y6 + K6``, ``y8 = y7 + K7``, ``y1 = y8 + K8``.
+    """
+    a = np.zeros((8, 8))
+    c = np.zeros((8, 8))
+    a[1, :1] = [3.0]
+    a[2, :2] = [2.849394379747939, 0.45842242204463923]
+    a[3, :3] = [-6.954028509809101, 2.489845061869568, -10.358996098473584]
+    a[4, :4] = [2.8029986275628964, 0.5072464736228206, -0.3988312541770524,
+                -0.04721187230404641]
+    a[5, :5] = [-7.502846399306121, 2.561846144803919, -11.627539656261098,
+                -0.18268767659942256, 0.030198172008377946]
+    a[6, :6] = a[5, :6]
+    a[6, 5] = 1.0
+    a[7, :7] = a[6, :7]
+    a[7, 6] = 1.0
+    c[1, :1] = [-14.155112264123755]
+    c[2, :2] = [-17.97296035885952, -2.859693295451294]
+    c[3, :3] = [147.12150275711716, -1.41221402718213, 71.68940251302358]
+    c[4, :4] = [165.43517024871676, -0.4592823456491126, 42.90938336958603,
+                -5.961986721573306]
+    c[5, :5] = [24.854864614690072, -3.0009227002832186, 47.4931110020768,
+                5.5814197821558125, -0.6610691825249471]
+    c[6, :6] = [30.91273214028599, -3.1208243349937974, 77.79954646070892,
+                34.28646028294783, -19.097331116725623, -28.087943162872662]
+    c[7, :7] = [37.80277123390563, -3.2571969029072276, 112.26918849496327,
+                66.9347231244047, -40.06618937091002, -54.66780262877968,
+                -9.48861652309627]
+    m = a[7].copy()
+    m[7] = 1.0
+    e = np.zeros(8)
+    e[7] = 1.0
+    return a, c, m, e, 0.21193756319429014
+
+
+_A, _C, _M, _E, _GAMMA = _rodas5p()
+_STAGES = len(_M)
+_CG_FORCING = 1e-2
+_CG_MAX_ITER = 25
+_REJECT = 1e6  # error reported for a step whose linear solve did not converge
+
+
+def _comb(coeffs: np.ndarray, xs: list[Array], scale: float | Array = 1.0) -> Array:
+    """``sum_j coeffs[j] * scale * xs[j]`` over the non-zero coefficients (0.0 if none)."""
+    terms = [float(w) * scale * x for w, x in zip(coeffs, xs, strict=False) if w != 0.0]
+    return sum(terms[1:], terms[0]) if terms else jnp.zeros(())
+
+
+class _Carry(NamedTuple):
+    """``z = V^T F``, ``q = V^T Q`` (momentum); ``b``, ``c``: gradient integrals on null
+    modes; ``f = F`` and ``gz = V^T G(F)``, carried to save products."""
+
+    z: Array
+    q: Array | None
+    b: Array
+    c: Array | None
+    f: Array
+    gz: Array
+
+
+class _Operator(NamedTuple):
+    """``Sq M Sq`` and its pieces, with ``M = V^T H V`` at the start of a step."""
+
+    v: Array
+    sq: Array  # sqrt(lambda), 0 on null modes
+    hvp: Callable[[Array], Array]
+
+    def image(self, x: Array) -> Array:
+        """``V (sqrt(Lambda) x)``: a scaled eigen-vector as flat outputs."""
+        return self.v @ (self.sq * x)
+
+    def m_of_image(self, fx: Array) -> Array:
+        """``M`` applied to the eigen-vector whose flat image is ``fx``: ``V^T H fx``."""
+        return self.v.T @ self.hvp(fx)
+
+
+class _Solution(NamedTuple):
+    """A stage solution ``x`` with its image ``V Sq x`` and ``M Sq x`` (all rows)."""
+
+    x: Array
+    img: Array
+    mx: Array
+
+
+def _pcg(
+    op: _Operator,
+    rhs: Array,
+    sigma: Array,
+    beta: Array,
+    pinv: Array,
+    tol: Array,
+    previous: list[_Solution],
+) -> tuple[_Solution, Array]:
+    """Solve ``(sigma I + beta Sq M Sq) x = rhs`` on non-null modes (``rhs`` is 0 on null modes).
+
+    The stage systems of a step share their matrix and have similar solutions, so the
+    iteration starts from the Galerkin approximation in the span of the ``previous``
+    stage solutions (their products with the matrix are known: no kernel products).
+    Returns the solution (with its image and ``M Sq x``, accumulated from the
+    iterations) and whether the preconditioned residual, in unscaled units, reached
+    ``tol``.
+    """
+    x, img, mx, r = jnp.zeros_like(rhs), jnp.zeros_like(op.v @ rhs), jnp.zeros_like(rhs), rhs
+    if previous:
+        xs = jnp.stack([s.x for s in previous])
+        axs = jnp.stack([sigma * s.x + beta * op.sq * s.mx for s in previous])
+        gram = jnp.einsum("i...,j...->ij", xs, axs)
+        w, u = jnp.linalg.eigh(0.5 * (gram + gram.T))
+        keep = w > 1e-12 * jnp.max(jnp.abs(w))
+        proj = u.T @ jnp.einsum("i...,...->i", xs, rhs)
+        coef = u @ (jnp.where(keep, 1.0 / jnp.where(keep, w, 1.0), 0.0) * proj)
+        x = jnp.tensordot(coef, xs, axes=1)
+        img = jnp.tensordot(coef, jnp.stack([s.img for s in previous]), axes=1)
+        mx = jnp.tensordot(coef, jnp.stack([s.mx for s in previous]), axes=1)
+        r = rhs - jnp.tensordot(coef, axs, axes=1)
+    pr = pinv * r
+    rz = jnp.vdot(r, pr)
+    # Round-off floor: the residual cannot drop much below eps times the right-hand side.
+    tol = jnp.maximum(tol, 100 * jnp.finfo(rhs.dtype).eps * rms(op.sq * pinv * rhs))
+
+    def small(pr: Array) -> Array:
+        return rms(op.sq * pr) <= tol
+
+    def cond(c: tuple) -> Array:
+        *_, pr, _, i = c
+        return ~small(pr) & (i < _CG_MAX_ITER)
+
+    def body(c: tuple) -> tuple:
+        x, img, mx, r, p, pr, rz, i = c
+        fp = op.image(p)
+        mp = op.m_of_image(fp)
+        ap = sigma * p + beta * op.sq * mp
+        pap = jnp.vdot(p, ap)
+        alpha = jnp.where(pap > 0, rz / jnp.where(pap > 0, pap, 1.0), 0.0)
+        x, img, mx, r = x + alpha * p, img + alpha * fp, mx + alpha * mp, r - alpha * ap
+        pr = pinv * r
+        rz_new = jnp.vdot(r, pr)
+        p = pr + jnp.where(rz > 0, rz_new / jnp.where(rz > 0, rz, 1.0), 0.0) * p
+        return x, img, mx, r, p, pr, rz_new, i + 1
+
+    init = (x, img, mx, r, pr, pr, rz, jnp.zeros((), jnp.int32))
+    x, img, mx, _, _, pr, _, _ = jax.lax.while_loop(cond, body, init)
+    return _Solution(x, img, mx), small(pr)
+
+
+class Rodas5P(EigenbasisSolver):
+    """Rodas5P with eigenbasis-preconditioned conjugate gradients (stiff, any loss curvature)."""
+
+    name: ClassVar[str] = "rodas5p"
+    error_exponent: ClassVar[float] = 5.0  # embedded order 4: error ~ h^5
+
+    def _start(self, dyn: Dynamics, eig: Eigen, y0: FlatState) -> _Carry:
+        z = eig.to_eigenbasis(y0.f)
+        q = None if y0.q is None else eig.to_eigenbasis(y0.q)
+        zeros = jnp.zeros_like(z)
+        gz = eig.to_eigenbasis(dyn.grad_fn(y0.f))
+        return _Carry(z, q, zeros, None if q is None else zeros, y0.f, gz)
+
+    @staticmethod
+    def _outputs(eig: Eigen, x: _Carry) -> FlatState:
+        q = None if x.q is None else eig.evecs @ x.q
+        return FlatState(x.f, q, None, None)
+
+    def _step(
+        self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float
+    ) -> tuple[_Carry, Array]:
+        if x.q is None:
+            return self._step_gd(dyn, eig, x, h, rtol, atol)
+        return self._step_momentum(dyn, eig, x, h, rtol, atol)
+
+    @staticmethod
+    def _setup(dyn: Dynamics, eig: Eigen, x: _Carry) -> tuple[_Operator, Array, Array]:
+        """The operator at ``x``, the curvature along the gradient, and the null mask."""
+        null = eig.null[:, None]
+        sq = jnp.sqrt(jnp.where(null, 0.0, eig.evals[:, None]))
+        g, hvp = jax.linearize(dyn.grad_fn, x.f)
+        gg = jnp.vdot(g, g)
+        curv = jnp.where(gg > 0, jnp.vdot(g, hvp(g)) / jnp.where(gg > 0, gg, 1.0), 0.0)
+        return _Operator(eig.evecs, sq, hvp), jnp.maximum(curv, 0.0), null
+
+    def _step_gd(
+        self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float
+    ) -> tuple[_Carry, Array]:
+        op, curv, null = self._setup(dyn, eig, x)
+        hg = h * _GAMMA
+        one = jnp.ones((), x.z.dtype)
+        pinv = jnp.broadcast_to(1.0 / (1.0 + hg * curv * op.sq**2), x.z.shape)
+        tol = _CG_FORCING * (atol + rtol * rms(x.z))
+        sols: list[_Solution] = []
+        kbs: list[Array] = []
+        ok = jnp.ones((), bool)
+        for i in range(_STAGES):
+            if i == 0:
+                gz = x.gz
+            else:
+                gz = op.v.T @ dyn.grad_fn(x.f + _comb(_A[i, :i], [s.img for s in sols]))
+            rhs = hg * (-op.sq * gz + _comb(_C[i, :i], [s.x for s in sols], 1.0 / h))
+            sol, conv = _pcg(op, rhs, one, hg, pinv, tol, sols)
+            sols.append(sol)
+            ok = ok & conv
+            if dyn.with_test:
+                # b' = V_null^T G: exact Jacobian row [M Sq]_null.
+                kb = hg * (gz + _comb(_C[i, :i], kbs, 1.0 / h) + sol.mx)
+                kbs.append(jnp.where(null, kb, 0.0))
+        xs = [s.x for s in sols]
+        imgs = [s.img for s in sols]
+        z = x.z + op.sq * _comb(_M, xs)
+        f = x.f + _comb(_M, imgs)
+        b = x.b + _comb(_M, kbs) if dyn.with_test else x.b
+        new = _Carry(z, None, b, None, f, op.v.T @ dyn.grad_fn(f))
+        scale = atol + rtol * jnp.maximum(rms(x.z), rms(z))
+        err = rms(op.sq * _comb(_E, xs)) / scale
+        return new, jnp.where(ok | ~jnp.isfinite(err), err, jnp.maximum(err, _REJECT))
+
+    def _step_momentum(
+        self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float
+    ) -> tuple[_Carry, Array]:
+        assert dyn.damping is not None and x.q is not None and x.c is not None
+        op, curv, null = self._setup(dyn, eig, x)
+        d = jnp.asarray(dyn.damping, x.z.dtype)
+        hg = h * _GAMMA
+        sigma, beta = 1.0 - hg * d, hg * hg
+        pinv = jnp.broadcast_to(1.0 / (sigma + beta * curv * op.sq**2), x.z.shape)
+        # Scaled coordinates: s = z / sc, t = q / sc with sc = sqrt(lambda) (1 on null modes).
+        sc = jnp.where(null, 1.0, op.sq)
+        inv_sc = 1.0 / sc
+        size = jnp.stack([x.z, x.q])
+        tol = _CG_FORCING * (atol + rtol * rms(size))
+
+        def full_m(p: Array) -> Array:
+            """``M Sc p`` for a scaled vector with null-mode entries."""
+            return op.m_of_image(op.v @ (sc * p))
+
+        sols: list[_Solution] = []
+        ks: list[Array] = []
+        kt: list[Array] = []
+        kbs: list[Array] = []
+        kcs: list[Array] = []
+        ok = jnp.ones((), bool)
+        for i in range(_STAGES):
+            if i == 0:
+                gz, q = x.gz, x.q
+            else:
+                zi = x.z + sc * _comb(_A[i, :i], ks)
+                q = x.q + sc * _comb(_A[i, :i], kt)
+                gz = op.v.T @ dyn.grad_fn(op.v @ zi)
+            t = q * inv_sc
+            ra = t + _comb(_C[i, :i], ks, 1.0 / h)
+            rb = -op.sq * gz + d * t + _comb(_C[i, :i], kt, 1.0 / h)
+            # (sigma I + beta Sq M Sc) Kt = hg rb - beta Sq M Sc ra; then Ks = hg (ra + Kt).
+            m_ra = full_m(ra)
+            rhs = hg * rb - beta * op.sq * m_ra
+            kt_null = jnp.where(null, rhs / sigma, 0.0)
+            m_null = jax.lax.cond(
+                jnp.any(kt_null != 0), full_m, jnp.zeros_like, kt_null
+            )
+            rhs = jnp.where(null, 0.0, rhs - beta * op.sq * m_null)
+            sol, conv = _pcg(op, rhs, sigma, beta, pinv, tol, sols)
+            sols.append(sol)
+            kt_nn, mx = sol.x, sol.mx
+            kti = kt_nn + kt_null
+            ks.append(hg * (ra + kti))
+            kt.append(kti)
+            ok = ok & conv
+            if dyn.with_test:
+                # b' = V_null^T G + d b, c' = b: exact Jacobian rows.
+                m_ks = hg * (m_ra + mx + m_null)  # M Sc Ks
+                bi = x.b + _comb(_A[i, :i], kbs)
+                rbq = gz + d * bi + _comb(_C[i, :i], kbs, 1.0 / h)
+                rcq = bi + _comb(_C[i, :i], kcs, 1.0 / h)
+                kb = jnp.where(null, hg * (rbq + m_ks) / sigma, 0.0)
+                kc = jnp.where(null, hg * (rcq + kb), 0.0)
+                kbs.append(kb)
+                kcs.append(kc)
+        z = x.z + sc * _comb(_M, ks)
+        q = x.q + sc * _comb(_M, kt)
+        f = op.v @ z
+        if dyn.with_test:
+            b = x.b + _comb(_M, kbs)
+            c = x.c + _comb(_M, kcs)
+        else:
+            b, c = x.b, x.c
+        new = _Carry(z, q, b, c, f, op.v.T @ dyn.grad_fn(f))
+        scale = atol + rtol * jnp.maximum(rms(size), rms(jnp.stack([z, q])))
+        err = rms(jnp.stack([sc * _comb(_E, ks), sc * _comb(_E, kt)])) / scale
+        return new, jnp.where(ok | ~jnp.isfinite(err), err, jnp.maximum(err, _REJECT))
+
+
+SOLVERS["rodas5p"] = Rodas5P
