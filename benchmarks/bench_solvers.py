@@ -42,6 +42,35 @@ stiffness ``S = c * lam_max * t`` of each horizon is the same for every loss and
 * t=None: the end point of training (ntkflow only; the baseline cannot integrate to
   infinity).
 
+Momentum
+--------
+With ``--momentum M`` every cell runs heavy-ball momentum instead, with ``momentum=M`` and
+``learning_rate=1`` (so neural-tangents' time ``tau = sqrt(learning_rate) t`` is ``t``):
+``f'' = -K G + d f'`` and ``f_test'' = -K_st G + d f_test'``, damping ``d = M - 1``,
+starting at rest. ntkflow is called as above with ``momentum=M, learning_rate=1.0``; the
+baseline is neural-tangents' momentum algorithm: ``odeint`` (same defaults, jitted) on the
+full first-order state ``(f, q, f_test, q_test)`` with right-hand side ``(q, -K_tt G + d q,
+q_test, -K_st G + d q_test)`` from ``q = q_test = 0``. The horizons use the momentum time
+scales (the fastest rate is ``max(|d|, sqrt(c lam_max))``, damping or oscillation; a slow,
+overdamped mode, ``d^2 >> 4 c lam``, relaxes at the rate ``c lam / |d|``):
+
+* short: ``t = 10 / max(|d|, sqrt(c lam_max))`` (the fastest mode relaxes or oscillates
+  10 times);
+* mid: ``t = sqrt(t_short t_converged)``, the geometric mean;
+* converged: ``t = 10 |d| / (c lam_min)`` (the slowest mode has relaxed);
+* t=None: as above.
+
+The stiffness reported is then ``S = t max(|d|, sqrt(c lam_max))`` (as ntkflow's ``auto``
+measures it with momentum): 10 for short, and for mid and converged it depends on n. The
+references are ntkflow with ``solver="tsit5"``, ``rtol = atol = 1e-10`` at every finite
+horizon (MSE included: with momentum it has no closed form), and at t=None, for MSE and
+log-cosh, the closed form ``gradient_descent_mse``: integrating ``f'' - d f' = -K G`` from
+rest to rest gives ``-d (f(inf) - f(0)) = -K int G`` (and the same with ``K_st`` for the
+test outputs), so the momentum flow has the end point of gradient flow (targets on the
+kernel's range, null-space components unchanged), which was also checked numerically on
+small problems. Results go to the section "## Solvers with momentum" of the results file,
+with the momentum in the table header.
+
 Measurements
 ------------
 * Time: median of ``--repeats`` (3) wall-clock runs after a warm-up (ntkflow: one
@@ -50,8 +79,10 @@ Measurements
   (marked ``*``). A solve slower than its cap (``--baseline-timeout``,
   ``--ntkflow-timeout``) is abandoned (its process is killed) and reported as ``> cap``;
   the same method is then skipped, as ``> cap``, on the cells of the same precision,
-  loss and horizon with at least as many train and test points. Speed-ups against a
-  capped baseline are lower bounds (``>``).
+  loss and horizon with at least as many train and test points (and a cap no larger).
+  Speed-ups against a capped baseline are lower bounds (``>``). ``--baseline-timeout-stiff``
+  (default: ``--baseline-timeout``) sets the baseline's cap for the converged cells with
+  n >= 1024 alone, so that their long solves can be measured instead of capped.
 * Error: the largest absolute difference of ``(fx_train, fx_test)`` from a float64
   reference computed once per cell (and shared by both precisions): the closed form
   ``gradient_descent_mse`` for MSE and for the end point of log-cosh (whose minimizer is
@@ -76,7 +107,8 @@ Run: ``python benchmarks/bench_solvers.py``. Default, the reduced matrix: n in {
 1024}, test points n and 4n, all losses and horizons, float64, plus float32 for n = 256,
 plus n = 4096 (MSE, converged and t=None, ntkflow and the floor only; ``--big-n`` with no
 value drops it); ``--help`` for the flags. It prints a markdown table and writes it to
-``benchmarks/RESULTS.md`` (section "## Solvers"; other sections are kept).
+``benchmarks/RESULTS.md`` (section "## Solvers", or "## Solvers with momentum" with
+``--momentum``; other sections are kept; ``--output`` for another file).
 """
 
 from __future__ import annotations
@@ -113,6 +145,8 @@ LOSS_NAMES = {"mse": "MSE", "ce": "cross-entropy", "logcosh": "log-cosh"}
 HORIZON_NAMES = {"short": "short", "mid": "mid", "converged": "converged", "inf": "t=None"}
 N_CLASSES = 10
 SECTION = "## Solvers"
+MOMENTUM_SECTION = "## Solvers with momentum"
+STIFF_N = 1024  # --baseline-timeout-stiff: converged cells with n >= this
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 GRACE = 15.0  # seconds a worker may overrun a deadline (process start, messaging)
 
@@ -160,9 +194,7 @@ class Problem:
 def make_problem(n: int, n_test: int, cond: float, seed: int) -> Problem:
     """Power-law kernel over condition number ``cond`` (see the module docstring)."""
     rng = np.random.default_rng([seed, n])
-    alpha = math.log(cond) / math.log(n) if n > 1 else 0.0
-    lam = np.arange(1, n + 1, dtype=np.float64) ** -alpha
-    lam *= n / lam.sum()
+    lam = spectrum(n, cond)
     q, _ = np.linalg.qr(rng.standard_normal((n, n)))
     k = (q * lam) @ q.T
     k = 0.5 * (k + k.T)
@@ -175,15 +207,30 @@ def make_problem(n: int, n_test: int, cond: float, seed: int) -> Problem:
     return Problem(k, k_test, y, f0, f0_test, lam)
 
 
+def spectrum(n: int, cond: float) -> np.ndarray:
+    """The eigenvalues of ``K_tt``: ``i^-a`` over condition number ``cond``, trace ``n``."""
+    alpha = math.log(cond) / math.log(n) if n > 1 else 0.0
+    lam = np.arange(1, n + 1, dtype=np.float64) ** -alpha
+    lam *= n / lam.sum()
+    return lam
+
+
 def curvature(loss: str, size: int) -> float:
     """Largest eigenvalue of the loss Hessian at ``f = 0`` (one-hot targets)."""
     return 1.0 / (N_CLASSES * size) if loss == "ce" else 1.0 / size
 
 
-def horizon_time(horizon: str, loss: str, lam: np.ndarray, size: int) -> float | None:
+def horizon_time(horizon: str, loss: str, lam: np.ndarray, size: int,
+                 momentum: float | None = None) -> float | None:
     """The time ``t`` of a horizon (``None``: the end point of training)."""
     c = curvature(loss, size)
     lam_max, lam_min = float(lam.max()), float(lam.min())
+    if momentum is not None and horizon != "inf":  # learning rate 1: tau = t
+        d = abs(momentum - 1.0)
+        short = 10.0 / max(d, math.sqrt(c * lam_max))
+        converged = 10.0 * d / (c * lam_min)
+        return {"short": short, "mid": math.sqrt(short * converged),
+                "converged": converged}[horizon]
     if horizon == "short":
         return 10.0 / (c * lam_max)
     if horizon == "mid":
@@ -196,6 +243,17 @@ def horizon_time(horizon: str, loss: str, lam: np.ndarray, size: int) -> float |
 def stiffness(horizon: str, cond: float) -> str:
     return {"short": "10", "mid": f"{10 * math.sqrt(cond):.0e}", "converged": f"{10 * cond:.0e}",
             "inf": "inf"}[horizon]
+
+
+def momentum_stiffness(horizon: str, loss: str, n: int, cond: float, momentum: float) -> str:
+    """``S = t max(|d|, sqrt(c lam_max))``, the momentum counterpart of ``c lam_max t``."""
+    if horizon in ("short", "inf"):
+        return stiffness(horizon, cond)
+    lam, size = spectrum(n, cond), n * N_CLASSES
+    t = horizon_time(horizon, loss, lam, size, momentum)
+    assert t is not None
+    rate = max(abs(momentum - 1.0), math.sqrt(curvature(loss, size) * float(lam.max())))
+    return f"{t * rate:.0e}"
 
 
 # ---------------------------------------------------------------------------
@@ -316,19 +374,23 @@ class Worker:
         import ntkflow as ntk
 
         p = self.problem(task)
-        t = horizon_time(task["horizon"], task["loss"], p.lam, p.y.size)
+        momentum = task.get("momentum")
+        t = horizon_time(task["horizon"], task["loss"], p.lam, p.y.size, momentum)
         k, k_test, y, f0, f0_test = self.arrays(task)
         self.deadline(task["cap"])
         start = time.perf_counter()
         if task["loss"] == "ce" and t is None:
             return {"status": "ok", "kind": "loss", "time": 0.0}
-        if task["loss"] == "mse" or (task["loss"] == "logcosh" and t is None):
+        if ((task["loss"] == "mse" and momentum is None)
+                or (task["loss"] in ("mse", "logcosh") and t is None)):
+            # t=None with momentum: the same end point as gradient flow (module docstring)
             predict = ntk.predict.gradient_descent_mse(k, y)
             how = "closed form"
         else:
+            extra = {} if momentum is None else {"learning_rate": 1.0, "momentum": momentum}
             predict = ntk.predict.gradient_descent(
                 loss_fn(task["loss"]), k, y, solver="tsit5", rtol=1e-10, atol=1e-10,
-                max_steps=10**8,
+                max_steps=10**8, **extra,
             )
             how = "tsit5 1e-10"
         train, test = predict(t, f0, f0_test, k_test)
@@ -354,14 +416,16 @@ class Worker:
         import ntkflow as ntk
 
         p = self.problem(task)
-        t = horizon_time(task["horizon"], task["loss"], p.lam, p.y.size)
+        momentum = task.get("momentum")
+        t = horizon_time(task["horizon"], task["loss"], p.lam, p.y.size, momentum)
         k, k_test, y, f0, f0_test = self.arrays(task)
         loss, cap = loss_fn(task["loss"]), task["cap"]
+        extra = {} if momentum is None else {"learning_rate": 1.0, "momentum": momentum}
         builds: list[float] = []
 
         def run() -> Any:
             start = time.perf_counter()
-            predict = ntk.predict.gradient_descent(loss, k, y, solver=task["solver"])
+            predict = ntk.predict.gradient_descent(loss, k, y, solver=task["solver"], **extra)
             builds.append(time.perf_counter() - start)
             return predict(t, f0, f0_test, k_test)
 
@@ -388,12 +452,13 @@ class Worker:
             result["steps"] = int(info.num_steps)
         return result
 
-    def baseline_fn(self, loss_name: str, count: bool) -> Any:
+    def baseline_fn(self, loss_name: str, count: bool, momentum: float | None = None) -> Any:
         """Jitted odeint solve of the full state; with ``count``, RHS calls are counted."""
         import jax
+        import jax.numpy as jnp
         from jax.experimental.ode import odeint
 
-        key = (loss_name, count)
+        key = (loss_name, count) if momentum is None else (loss_name, count, momentum)
         if key in self.baselines:
             return self.baselines[key]
         loss = loss_fn(loss_name)
@@ -413,13 +478,33 @@ class Worker:
             fs, fs_test = odeint(rhs, (f0, f0_test), ts, k, k_test, y)
             return fs[-1], fs_test[-1]
 
-        self.baselines[key] = jax.jit(solve)
+        d = 0.0 if momentum is None else momentum - 1.0  # heavy ball at learning rate 1
+
+        def rhs_momentum(state: Any, t: Any, k: Any, k_test: Any, y: Any) -> Any:
+            del t
+            f, q, _, q_test = state
+            g = jax.grad(loss)(f, y)
+            if count:
+                jax.debug.callback(tick)
+            return q, -(k @ g) + d * q, q_test, -(k_test @ g) + d * q_test
+
+        def solve_momentum(f0: Any, f0_test: Any, k: Any, k_test: Any, y: Any,
+                           ts: Any) -> Any:
+            state = (f0, jnp.zeros_like(f0), f0_test, jnp.zeros_like(f0_test))
+            fs, _, fs_test, _ = odeint(rhs_momentum, state, ts, k, k_test, y)
+            return fs[-1], fs_test[-1]
+
+        self.baselines[key] = jax.jit(solve if momentum is None else solve_momentum)
         return self.baselines[key]
 
-    def compile_baseline(self, loss_name: str, count: bool, args: tuple) -> Any:
+    def compile_baseline(self, loss_name: str, count: bool, args: tuple,
+                         momentum: float | None = None) -> Any:
         key = (loss_name, count) + tuple((a.shape, str(a.dtype)) for a in args)
+        if momentum is not None:
+            key += (momentum,)
         if key not in self.compiled:
-            self.compiled[key] = self.baseline_fn(loss_name, count).lower(*args).compile()
+            fn = self.baseline_fn(loss_name, count, momentum)
+            self.compiled[key] = fn.lower(*args).compile()
         return self.compiled[key]
 
     def baseline(self, task: dict) -> dict:
@@ -427,12 +512,13 @@ class Worker:
         import jax.numpy as jnp
 
         p = self.problem(task)
-        t = horizon_time(task["horizon"], task["loss"], p.lam, p.y.size)
+        momentum = task.get("momentum")
+        t = horizon_time(task["horizon"], task["loss"], p.lam, p.y.size, momentum)
         assert t is not None
         k, k_test, y, f0, f0_test = self.arrays(task)
         args = (f0, f0_test, k, k_test, y, jnp.asarray([0.0, t], self.dtype))
         self.deadline(task["compile_slack"])
-        fn = self.compile_baseline(task["loss"], False, args)
+        fn = self.compile_baseline(task["loss"], False, args, momentum)
         cap = task["cap"]
         self.deadline(cap)
         mem = {"mib": float("nan")}
@@ -452,7 +538,7 @@ class Worker:
         result["error"] = self.error(task, result.pop("out"))
         if first <= task["single_run"]:
             self.deadline(task["compile_slack"] + 3 * cap)
-            counted = self.compile_baseline(task["loss"], True, args)
+            counted = self.compile_baseline(task["loss"], True, args, momentum)
             self.rhs_counter[0] = 0
             jax.block_until_ready(counted(*args))
             result["rhs"] = self.rhs_counter[0]
@@ -589,12 +675,23 @@ def cell_keys(args: argparse.Namespace) -> list[tuple[int, int, int, str, str]]:
     return keys
 
 
-def _dominated(done: list[tuple[tuple, dict]], family: tuple, n: int, n_test: int) -> bool:
-    """Whether a cell of the same family with at most as many points hit the cap."""
+def _dominated(done: list[tuple[tuple, dict]], family: tuple, n: int, n_test: int,
+               cap: float | None = None) -> bool:
+    """Whether a cell of the same family with at most as many points hit the cap (one at
+    least as long as ``cap``)."""
     return any(
         fam == family and n0 <= n and t0 <= n_test and res.get("status") == "cap"
+        and (cap is None or res.get("cap_s", cap) >= cap)
         for (fam, n0, t0), res in done
     )
+
+
+def baseline_cap(args: argparse.Namespace, n: int, horizon: str) -> float:
+    """The baseline's cap for a cell: ``--baseline-timeout-stiff`` for the converged cells
+    with n >= 1024, ``--baseline-timeout`` otherwise."""
+    if horizon == "converged" and n >= STIFF_N and args.baseline_timeout_stiff is not None:
+        return args.baseline_timeout_stiff
+    return args.baseline_timeout
 
 
 def run_matrix(args: argparse.Namespace) -> tuple[list[Cell], dict, float]:
@@ -603,6 +700,8 @@ def run_matrix(args: argparse.Namespace) -> tuple[list[Cell], dict, float]:
     common = {"cond": args.cond, "seed": args.seed, "repeats": args.repeats,
               "single_run": args.single_run, "compile_slack": args.compile_slack,
               "solver": args.solver}
+    if args.momentum is not None:
+        common["momentum"] = args.momentum
     cells: list[Cell] = []
     floors: dict[tuple[int, int, int], dict] = {}
     history: list[tuple[tuple, dict]] = []
@@ -631,16 +730,17 @@ def run_matrix(args: argparse.Namespace) -> tuple[list[Cell], dict, float]:
             cell.ref = refs[ref_key]
             reference = cell.ref["path"] if cell.ref.get("status") == "ok" else None
             for role, method, cap in (("ntkflow", "ntkflow", args.ntkflow_timeout),
-                                      ("baseline", "baseline", args.baseline_timeout)):
+                                      ("baseline", "baseline", baseline_cap(args, n, horizon))):
                 family = (method, bits, loss, horizon)
                 if method == "baseline" and (horizon == "inf" or n in big):
                     result = {"status": "na" if horizon == "inf" else "skipped"}
-                elif _dominated(history, family, n, n_test):
+                elif _dominated(history, family, n, n_test, cap):
                     result = {"status": "cap", "inherited": True}
                 else:
                     result = pool.run(role, bits, {**base, "kind": method, "cap": cap,
                                                    "reference": reference})
                     history.append(((family, n, n_test), result))
+                result["cap_s"] = cap
                 if method == "ntkflow":
                     cell.ntk = result
                 else:
@@ -694,7 +794,7 @@ def speedup(cell: Cell, args: argparse.Namespace) -> tuple[str, float | None, bo
     if b.get("status") == "ok":
         v = b["time"] / cell.ntk["time"]
         return f"{v:.3g}", v, False
-    v = args.baseline_timeout / cell.ntk["time"]
+    v = b.get("cap_s", args.baseline_timeout) / cell.ntk["time"]
     return f"> {v:.3g}", v, True
 
 
@@ -702,12 +802,20 @@ def format_progress(cell: Cell, args: argparse.Namespace) -> str:
     return (f"[{cell.bits}] n={cell.n} n_test={cell.n_test} {cell.loss} {cell.horizon}: "
             f"ntkflow {fmt_time(cell.ntk, args.ntkflow_timeout)} "
             f"({cell.ntk.get('solver', '')} {cell.ntk.get('steps', '')}) "
-            f"baseline {fmt_time(cell.base, args.baseline_timeout)} "
+            f"baseline {fmt_time(cell.base, cell.base.get('cap_s', args.baseline_timeout))} "
             f"err {fmt_err(cell.ntk, cell)} / {fmt_err(cell.base, cell)}")
 
 
+def cell_stiffness(c: Cell, args: argparse.Namespace) -> str:
+    if args.momentum is None:
+        return stiffness(c.horizon, args.cond)
+    return momentum_stiffness(c.horizon, c.loss, c.n, args.cond, args.momentum)
+
+
 def table(cells: list[Cell], floors: dict, args: argparse.Namespace) -> str:
-    head = ("| float | n | n_test | loss | horizon (S) | solver | ntkflow s | of which predict "
+    horizon = ("horizon (S)" if args.momentum is None
+               else f"horizon (S), momentum {args.momentum:g}, lr 1")
+    head = (f"| float | n | n_test | loss | {horizon} | solver | ntkflow s | of which predict "
             "| baseline s | speed-up | ntkflow / floor | ntkflow err | baseline err "
             "| ntkflow steps | baseline RHS | ntkflow ΔRSS MiB | baseline ΔRSS MiB |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -717,10 +825,11 @@ def table(cells: list[Cell], floors: dict, args: argparse.Namespace) -> str:
                  if c.ntk.get("status") == "ok" and floor.get("status") == "ok" else "")
         rows.append("| " + " | ".join([
             str(c.bits), str(c.n), str(c.n_test), LOSS_NAMES[c.loss],
-            f"{HORIZON_NAMES[c.horizon]} ({stiffness(c.horizon, args.cond)})",
+            f"{HORIZON_NAMES[c.horizon]} ({cell_stiffness(c, args)})",
             c.ntk.get("solver", ""), fmt_time(c.ntk, args.ntkflow_timeout),
             f"{c.ntk['predict']:.3g}" if "predict" in c.ntk else "",
-            fmt_time(c.base, args.baseline_timeout), speedup(c, args)[0], ratio,
+            fmt_time(c.base, c.base.get("cap_s", args.baseline_timeout)),
+            speedup(c, args)[0], ratio,
             fmt_err(c.ntk, c), fmt_err(c.base, c), str(c.ntk.get("steps", "")),
             str(c.base.get("rhs", "n/a" if c.base.get("status") == "ok" else "")),
             _mib(c.ntk), _mib(c.base),
@@ -757,7 +866,8 @@ def summary(cells: list[Cell], floors: dict, args: argparse.Namespace) -> str:
               if c.ntk.get("status") == "ok" and floor.get("status") == "ok" else "")
         pred = ""
         if c.ntk.get("status") == "ok" and c.base.get("status") in ("ok", "cap"):
-            b = c.base["time"] if c.base["status"] == "ok" else args.baseline_timeout
+            b = (c.base["time"] if c.base["status"] == "ok"
+                 else c.base.get("cap_s", args.baseline_timeout))
             pred = f" (predict only: {'> ' if c.base['status'] == 'cap' else ''}" \
                    f"{b / c.ntk['predict']:.3g})"
         lines.append(f"- stiff, {label(c)}: speed-up {text or 'n/a'}{pred}{fl}")
@@ -812,18 +922,36 @@ def source_state() -> dict[str, str]:
     return state
 
 
+def section(args: argparse.Namespace) -> str:
+    """The results section of this run: "## Solvers", or "## Solvers with momentum"."""
+    return SECTION if args.momentum is None else MOMENTUM_SECTION
+
+
 def render(cells: list[Cell], floors: dict, args: argparse.Namespace, info: dict) -> str:
-    """The "## Solvers" section: the run's context, the table, the floor, a summary."""
+    """The "## Solvers" section (or "## Solvers with momentum"): the run's context, the
+    table, the floor, a summary."""
     command = "python benchmarks/bench_solvers.py " + shlex.join(sys.argv[1:])
     src0, src1 = info["sources"]
     version = f"commit {src0['commit']}" + (" with uncommitted changes" if src0["dirty"] else "")
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    parts = [
-        SECTION,
-        "",
+    intro = (
         "ntkflow `gradient_descent(solver=\"auto\")` against the predecessor's algorithm "
         "(`jax.experimental.ode.odeint`, Dopri5, rtol = atol = 1.4e-8, on the full train + "
-        "test state, jitted). Methodology: the docstring of `benchmarks/bench_solvers.py`.",
+        "test state, jitted). Methodology: the docstring of `benchmarks/bench_solvers.py`."
+    )
+    if args.momentum is not None:
+        intro = (
+            f"ntkflow `gradient_descent(momentum={args.momentum:g}, learning_rate=1.0, "
+            "solver=\"auto\")` against the predecessor's momentum algorithm "
+            "(`jax.experimental.ode.odeint`, Dopri5, rtol = atol = 1.4e-8, on the full "
+            "first-order state (f, q, f_test, q_test) from q = 0, jitted), damping d = "
+            f"{args.momentum - 1:g}. Methodology: the docstring of "
+            "`benchmarks/bench_solvers.py` (section Momentum)."
+        )
+    parts = [
+        section(args),
+        "",
+        intro,
         "",
         f"- Command: `{command}`",
         f"- Date: {date}; total wall time {info['wall'] / 60:.1f} min",
@@ -837,13 +965,22 @@ def render(cells: list[Cell], floors: dict, args: argparse.Namespace, info: dict
                      f"{src1['hash']}); cells run in restarted processes used the new code.")
     if args.note:
         parts.append(f"- Note: {args.note}")
+    stiff_cap = ""
+    if args.baseline_timeout_stiff not in (None, args.baseline_timeout):
+        stiff_cap = (f"; {args.baseline_timeout_stiff:g} s for the converged cells with "
+                     f"n >= {STIFF_N}")
+    s_text = "S = c lam_max t, the horizon's stiffness."
+    if args.momentum is not None:
+        s_text = ("S = t max(|d|, sqrt(c lam_max)), the horizon's stiffness with momentum "
+                  "(the fastest damping or oscillation rate times t).")
     parts += [
         "",
         "Times in seconds (median of 3; `*`: timed once, the solve being slower than "
         f"{args.single_run:g} s). `> cap`: abandoned after the cap "
-        f"(baseline {args.baseline_timeout:g} s, ntkflow {args.ntkflow_timeout:g} s), or "
+        f"(baseline {args.baseline_timeout:g} s{stiff_cap}, ntkflow "
+        f"{args.ntkflow_timeout:g} s), or "
         "skipped because a smaller cell of the same kind hit it; speed-ups against a capped "
-        "baseline are lower bounds. S = c lam_max t, the horizon's stiffness. Errors: max "
+        f"baseline are lower bounds. {s_text} Errors: max "
         "abs error of (fx_train, fx_test) vs a float64 reference (`n/a`: reference over its "
         f"{args.reference_timeout:g} s cap); for cross-entropy at t=None, the training loss "
         "reached. ΔRSS: peak resident-memory growth during the timed runs.",
@@ -866,10 +1003,11 @@ def _load(values: tuple[float, ...]) -> str:
     return ", ".join(f"{v:.1f}" for v in values) if values else "n/a"
 
 
-def write_results(text: str, path: Path) -> None:
-    """Replace (or append) the "## Solvers" section of ``path``, keeping other sections."""
+def write_results(text: str, path: Path, name: str = SECTION) -> None:
+    """Replace (or append) the section ``name`` ("## Solvers") of ``path``, keeping other
+    sections."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(old):
         new = pattern.sub(lambda _: text + "\n", old, count=1)
     else:
@@ -898,14 +1036,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--single-run", type=float, default=5.0,
                    help="time a solve once when it takes longer than this (s)")
     p.add_argument("--baseline-timeout", type=float, default=120.0, help="cap per solve (s)")
+    p.add_argument("--baseline-timeout-stiff", type=float, default=None, metavar="SECONDS",
+                   help=f"baseline cap for the converged cells with n >= {STIFF_N} (s; "
+                        "default: --baseline-timeout)")
     p.add_argument("--ntkflow-timeout", type=float, default=60.0, help="cap per solve (s)")
     p.add_argument("--reference-timeout", type=float, default=60.0, help="cap (s)")
     p.add_argument("--compile-slack", type=float, default=120.0,
                    help="allowance for compilation (s)")
     p.add_argument("--note", default="", help="a line added to the results (e.g. load)")
+    p.add_argument("--momentum", type=float, default=None, metavar="M",
+                   help="run every cell with heavy-ball momentum M in [0, 1) at learning "
+                        "rate 1 (section \"## Solvers with momentum\")")
     p.add_argument("--output", type=Path, default=RESULTS)
     p.add_argument("--no-write", action="store_true", help="print only")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.momentum is not None and not 0.0 <= args.momentum < 1.0:
+        p.error("--momentum must be in [0, 1)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -917,7 +1064,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(cells, floors, args, info)
     print(text)
     if not args.no_write:
-        write_results(text, args.output)
+        write_results(text, args.output, section(args))
         _log(f"wrote {args.output}")
 
 
