@@ -201,6 +201,20 @@ def test_rodas5p_reaches_long_horizons_and_the_end_of_training():
             assert rel_err(a, b) < 1e-7
 
 
+@pytest.mark.parametrize("loss", [mse, log_cosh], ids=["mse", "logcosh"])
+def test_rodas5p_with_momentum_stays_at_the_end_of_training(loss):
+    """With momentum, long steps multiply velocity errors into the outputs (position
+    stage = h * gamma * velocity stage): long after training has converged, and at
+    t = inf, the outputs must stay at the limit (that of gradient flow)."""
+    k_tt, k_st, y, f0, ft0 = _stiff_problem(cond=1e4)
+    limit = nt.predict.gradient_descent_mse(k_tt, y)(None, f0, ft0, k_st)
+    predict = nt.predict.gradient_descent(loss, k_tt, y, 1.0, 0.9, solver="rodas5p",
+                                          max_steps=5000)
+    for t in (1e8, 1e12, None):
+        for a, b in zip(predict(t, f0, ft0, k_st), limit, strict=True):
+            assert rel_err(a, b) < (1e-6 if X64 else 2e-2), t
+
+
 def test_rodas5p_gives_up_and_says_so():
     k_tt, _, y, f0, _ = _stiff_problem(cond=1e4)
     predict = nt.predict.gradient_descent(log_cosh, k_tt, y, solver="rodas5p", max_steps=3)

@@ -297,7 +297,9 @@ class Rodas5P(EigenbasisSolver):
         sc = jnp.where(null, 1.0, op.sq)
         inv_sc = 1.0 / sc
         size = jnp.stack([x.z, x.q])
-        tol = _CG_FORCING * (atol + rtol * rms(size))
+        # The position stage is h*gamma times the velocity stage (Ks = hg (ra + Kt)): solve
+        # for the velocity that much more accurately.
+        tol = _CG_FORCING * (atol + rtol * rms(size)) / jnp.maximum(1.0, hg)
 
         def full_m(p: Array) -> Array:
             """``M Sc p`` for a scaled vector with null-mode entries."""

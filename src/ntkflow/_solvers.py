@@ -59,7 +59,8 @@ class SolveInfo(NamedTuple):
 
 FAILURE_MESSAGES = {
     1: "the solver reached `max_steps` before the last requested time. Increase "
-    "`max_steps`, loosen `rtol`/`atol`, or use a stiff solver (solver='expo' or 'auto').",
+    "`max_steps`, loosen `rtol`/`atol`, or use a stiff solver (solver='auto', 'expo' for "
+    "MSE, 'rodas5p' for any loss).",
     2: "the solution became non-finite (NaN/inf). The kernel may not be positive "
     "semi-definite, or the loss may overflow; check `k_train_train`, the loss and "
     "the initial outputs.",

@@ -519,10 +519,13 @@ def gradient_descent(
       trace_axes: output axes along which the kernel is :math:`\Theta \otimes I`.
       solver: keyword-only. ``"auto"`` (default), a name from
         ``ntkflow.predict.SOLVERS`` (``"expo"``: exponential integrator in the
-        kernel's eigenbasis, for stiff problems, no momentum; ``"tsit5"``,
-        ``"dopri5"``: explicit; ``"kvaerno5"``: implicit, small problems) or a
-        solver instance. ``"auto"`` picks ``"expo"`` for stiff requests and
-        ``t = inf`` and ``"tsit5"`` otherwise; see :mod:`ntkflow._auto`.
+        kernel's eigenbasis, stiff, exact for MSE; ``"rodas5p"``: Rosenbrock
+        method with the true Jacobian in the eigenbasis, stiff, any loss;
+        ``"tsit5"``, ``"dopri5"``: explicit; ``"kvaerno5"``: implicit, small
+        problems) or a solver instance. For stiff requests and ``t = inf``,
+        ``"auto"`` picks ``"expo"`` (isotropic loss curvature, e.g. MSE) or
+        ``"rodas5p"`` (other regression losses), and ``"tsit5"`` otherwise;
+        see :mod:`ntkflow._auto`.
       rtol, atol: keyword-only tolerances of the adaptive solver (default
         ``1.4e-8`` in float64, as neural-tangents; ``1e-6`` in float32).
       max_steps: keyword-only; the solver gives up (with an error) after this
