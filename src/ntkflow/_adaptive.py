@@ -27,18 +27,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from ntkflow._dynamics import Dynamics, FlatState
+from ntkflow._dynamics import Dynamics, FlatState, rms
 from ntkflow._eigen import Eigen, phi1
 from ntkflow._solvers import AbstractSolver, SolveInfo, converged, projected_gradient
 
 __all__ = ["EigenbasisSolver", "rms"]
 
 _SAFETY, _FAC_MIN, _FAC_MAX = 0.9, 0.2, 10.0
-
-
-def rms(x: Array) -> Array:
-    """Root-mean-square of all entries."""
-    return jnp.sqrt(jnp.mean(jnp.square(x)))
 
 
 class EigenbasisSolver(AbstractSolver):

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from ntkflow._axes import outputs_to_2d
-from ntkflow._dynamics import Dynamics, FlatState
+from ntkflow._dynamics import Dynamics, FlatState, rayleigh_curvature, rms
 from ntkflow._solvers import AbstractSolver, Tsit5
 from ntkflow._typing import is_concrete
 
@@ -86,10 +86,8 @@ def largest_eigenvalue(k: Array, iterations: int = 30) -> Array:
 def stiffness(dynamics: Dynamics, y0: FlatState, tau_max: Array, lam_max: Array) -> Array:
     """:math:`S = c_0 \\lambda_\\max \\tau_\\max` (see the module docstring)."""
     g = dynamics.grad_fn(y0.f)
-    _, hg = jax.jvp(dynamics.grad_fn, (y0.f,), (g,))
-    gg = jnp.vdot(g, g)
-    c0 = jnp.where(gg > 0, jnp.vdot(g, hg) / jnp.where(gg > 0, gg, 1.0), 0.0)
-    rate = jnp.maximum(c0, 0.0) * lam_max
+    c0 = rayleigh_curvature(g, jax.jvp(dynamics.grad_fn, (y0.f,), (g,))[1])
+    rate = c0 * lam_max
     if dynamics.damping is not None:
         rate = jnp.maximum(jnp.abs(dynamics.damping), jnp.sqrt(rate))
     return rate * tau_max
@@ -118,7 +116,6 @@ def targets_minimize(dynamics: Dynamics, f0: Array) -> Array:
     y = outputs_to_2d(dynamics.y, dynamics.loss.layout).astype(f0.dtype)
     if y.shape != f0.shape:
         return jnp.zeros((), bool)
-    rms = lambda x: jnp.sqrt(jnp.mean(jnp.square(x)))
     g_y, g_0 = rms(dynamics.grad_fn(y)), rms(dynamics.grad_fn(f0))
     return g_y <= jnp.sqrt(jnp.finfo(f0.dtype).eps) * g_0
 

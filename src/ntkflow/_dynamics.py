@@ -41,7 +41,18 @@ from jaxtyping import Array, Float
 from ntkflow._axes import Layout, outputs_from_2d
 from ntkflow._eigen import Eigen, phi1
 
-__all__ = ["FlatState", "FlatLoss", "Dynamics"]
+__all__ = ["FlatState", "FlatLoss", "Dynamics", "rms", "rayleigh_curvature"]
+
+
+def rms(x: Array) -> Array:
+    """Root-mean-square of all entries."""
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+def rayleigh_curvature(g: Array, hg: Array) -> Array:
+    """The loss curvature along ``g``: ``max(<g, H g> / <g, g>, 0)`` (0 if ``g = 0``)."""
+    gg = jnp.vdot(g, g)
+    return jnp.maximum(jnp.where(gg > 0, jnp.vdot(g, hg) / jnp.where(gg > 0, gg, 1.0), 0.0), 0.0)
 
 
 class FlatState(eqx.Module):

@@ -47,8 +47,8 @@ import jax.numpy as jnp
 from jax.scipy.linalg import expm
 from jaxtyping import Array
 
-from ntkflow._adaptive import EigenbasisSolver, rms
-from ntkflow._dynamics import Dynamics, FlatState
+from ntkflow._adaptive import EigenbasisSolver
+from ntkflow._dynamics import Dynamics, FlatState, rayleigh_curvature, rms
 from ntkflow._eigen import Eigen
 from ntkflow._solvers import SOLVERS
 
@@ -99,20 +99,13 @@ class Expo(EigenbasisSolver):
 
     # -- one step -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _curvature(dyn: Dynamics, f: Array, g: Array) -> Array:
-        _, hg = jax.jvp(dyn.grad_fn, (f,), (g,))
-        gg = jnp.vdot(g, g)
-        c = jnp.where(gg > 0, jnp.vdot(g, hg) / jnp.where(gg > 0, gg, 1.0), 0.0)
-        return jnp.maximum(c, 0.0)
-
     def _step(
         self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float
     ) -> tuple[_Carry, Array]:
         lam = eig.evals[:, None]
         f = eig.evecs @ x.z
         g = dyn.grad_fn(f)
-        c = self._curvature(dyn, f, g)
+        c = rayleigh_curvature(g, jax.jvp(dyn.grad_fn, (f,), (g,))[1])
         gz = eig.evecs.T @ g
         n0 = -lam * (gz - c * x.z)
         if x.q is None:

@@ -57,8 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from ntkflow._adaptive import EigenbasisSolver, rms
-from ntkflow._dynamics import Dynamics, FlatState
+from ntkflow._adaptive import EigenbasisSolver
+from ntkflow._dynamics import Dynamics, FlatState, rayleigh_curvature, rms
 from ntkflow._eigen import Eigen
 from ntkflow._solvers import SOLVERS
 
@@ -172,7 +172,7 @@ def _pcg(
     iterations) and whether the preconditioned residual, in unscaled units, reached
     ``tol``.
     """
-    x, img, mx, r = jnp.zeros_like(rhs), jnp.zeros_like(op.v @ rhs), jnp.zeros_like(rhs), rhs
+    x, img, mx, r = jnp.zeros_like(rhs), jnp.zeros_like(rhs), jnp.zeros_like(rhs), rhs
     if previous:
         xs = jnp.stack([s.x for s in previous])
         axs = jnp.stack([sigma * s.x + beta * op.sq * s.mx for s in previous])
@@ -246,9 +246,7 @@ class Rodas5P(EigenbasisSolver):
         null = eig.null[:, None]
         sq = jnp.sqrt(jnp.where(null, 0.0, eig.evals[:, None]))
         g, hvp = jax.linearize(dyn.grad_fn, x.f)
-        gg = jnp.vdot(g, g)
-        curv = jnp.where(gg > 0, jnp.vdot(g, hvp(g)) / jnp.where(gg > 0, gg, 1.0), 0.0)
-        return _Operator(eig.evecs, sq, hvp), jnp.maximum(curv, 0.0), null
+        return _Operator(eig.evecs, sq, hvp), rayleigh_curvature(g, hvp(g)), null
 
     def _step_gd(
         self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float

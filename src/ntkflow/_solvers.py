@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from ntkflow._dynamics import Dynamics, FlatState
+from ntkflow._dynamics import Dynamics, FlatState, rms
 from ntkflow._eigen import Eigen
 
 __all__ = [
@@ -112,7 +112,6 @@ def converged(
     A floor of ``10 * eps * cond(K) * ||F||`` on the output tolerance accounts
     for round-off. Norms are root-mean-square.
     """
-    rms = lambda x: jnp.sqrt(jnp.mean(jnp.square(x)))
     pg, curvature = projected_gradient(dynamics, eigen, y.f)
     remaining = rms(pg) / curvature
     tiny = jnp.finfo(y.f.dtype).tiny
