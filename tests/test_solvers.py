@@ -11,9 +11,9 @@ import ntkflow as nt
 from ntkflow._auto import choose_solver, largest_eigenvalue
 from ntkflow._axes import make_layout
 from ntkflow._dynamics import Dynamics, FlatLoss
+from ntkflow._explicit import Tsit5
 from ntkflow._expo import Expo
 from ntkflow._rosenbrock import Rodas5P
-from ntkflow._solvers import Tsit5
 from tests.conftest import DTYPE, TOL, X64, rel_err
 
 mse = lambda fx, y: 0.5 * jnp.mean((fx - y) ** 2)
@@ -83,6 +83,52 @@ def test_solver_that_gives_up_says_so():
     predict = nt.predict.gradient_descent(mse, k_tt, y, solver="expo", max_steps=3)
     with pytest.raises(RuntimeError, match="max_steps"):
         predict(1e4, f0)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_own_tsit5_loop_matches_diffrax(momentum):
+    """ntkflow's Tsit5 loop (concrete inputs) against diffrax's (the same predictor under
+    ``jit``): cross-entropy, test outputs, unsorted and repeated times, with momentum."""
+    k_tt, k_st, _, f0, ft0 = _stiff_problem(cond=1e2)
+    y = jax.nn.one_hot(jnp.arange(k_tt.shape[0]) % 3, 3, dtype=DTYPE)
+    ts = jnp.array([3.0, 0.0, 0.7, 30.0, 0.7, 12.0])
+    tight = dict(rtol=1e-11, atol=1e-11) if X64 else {}
+    predict = nt.predict.gradient_descent(
+        cross_entropy, k_tt, y, momentum=momentum, solver="tsit5", **tight
+    )
+    own = predict(ts, f0, ft0, k_st)
+    with_diffrax = jax.jit(predict)(ts, f0, ft0, k_st)
+    for a, b in zip(own, with_diffrax, strict=True):
+        assert rel_err(a, b) < (1e-8 if X64 else 2e-3)
+    assert rel_err(own[0][1], f0) == 0.0  # t = 0: the initial outputs
+
+
+def test_own_tsit5_dense_output_is_accurate_and_free():
+    """Many output times cost no extra steps (continuous extension) and stay accurate."""
+    from ntkflow._explicit import integrate
+
+    k_tt, _, y, f0, _ = _stiff_problem(cond=1e2)
+    layout = make_layout(y.shape, (-1,))
+    dyn = Dynamics(k_tt, FlatLoss(mse, layout, (k_tt.shape[0],)), y, None, False)
+    y0 = dyn.initial_state(f0, None)
+    rtol = 1e-10 if X64 else 1e-6
+    many = jnp.linspace(0.0, 50.0, 201, dtype=DTYPE)
+    ys_many, info_many = jax.jit(integrate, static_argnames=("rtol", "atol", "max_steps"))(
+        dyn, y0, many, rtol=rtol, atol=rtol, max_steps=10_000
+    )
+    _, info_one = integrate(dyn, y0, many[-1:], rtol=rtol, atol=rtol, max_steps=10_000)
+    assert bool(info_many.ok) and bool(info_one.ok)
+    assert int(info_many.num_steps) == int(info_one.num_steps) < 200
+    exact = nt.predict.gradient_descent_mse(k_tt, y)(many, f0)
+    assert rel_err(ys_many.f, exact) < (1e-7 if X64 else 5e-3)
+
+
+def test_own_tsit5_loop_reports_non_finite_values():
+    k_tt, _, y, f0, _ = _stiff_problem(cond=1e2)
+    explode = lambda fx, y_: -jnp.mean(jnp.exp(fx) * y_)  # unbounded below: outputs blow up
+    predict = nt.predict.gradient_descent(explode, k_tt, jnp.abs(y), solver="tsit5")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        predict(1e6, f0)
 
 
 @pytest.mark.parametrize("loss", [mse, log_cosh], ids=["mse", "logcosh"])

@@ -39,7 +39,8 @@ Three properties of a request decide (measured in ``benchmarks/RESULTS.md``):
 ODE state) otherwise: for classification losses, short horizons, and when
 ``t`` or the initial outputs are traced (under ``jax.jit``, ``jax.grad``,
 ``jax.vmap``: the horizon is unknown, and diffrax's solvers are reverse-mode
-differentiable while the eigenbasis solvers' adaptive loops are not). Pass
+differentiable while the eigenbasis solvers' adaptive loops are not; with
+concrete inputs Tsit5 runs in ntkflow's own, leaner loop, :mod:`ntkflow._explicit`). Pass
 ``solver="expo"`` or ``"rodas5p"`` to force one (e.g. under ``jit``).
 """
 
@@ -54,7 +55,8 @@ from jaxtyping import Array
 
 from ntkflow._axes import outputs_to_2d
 from ntkflow._dynamics import Dynamics, FlatState, rayleigh_curvature, rms
-from ntkflow._solvers import AbstractSolver, Tsit5
+from ntkflow._explicit import Tsit5
+from ntkflow._solvers import AbstractSolver
 from ntkflow._typing import is_concrete
 
 __all__ = [

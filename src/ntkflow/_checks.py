@@ -465,7 +465,8 @@ def _passes_shifted_cholesky(k: Any, tol: Any) -> Any:
     """Whether ``S + (tol / 2) * b * I`` has a Cholesky factor, ``S = (K + K^T) / 2``.
 
     ``b <= max|eig(S)|`` is a cheap lower bound (the largest ``|S_ii|`` and
-    ``|S v|`` over a few power iterates ``v`` of unit norm). Success means
+    ``|S v|`` over 30 power iterates ``v`` of unit norm), returned too: an
+    estimate of the largest eigenvalue for the ``auto`` solver choice. Success means
     ``min(eig) >= -(tol / 2) * b - e`` with ``e`` the round-off of the
     factorization (far below ``(tol / 2) * max|eig|``, as ``tol >= 1000 eps``),
     so ``min(eig) >= -tol * max|eig|``: the kernel passes the exact check.
@@ -484,13 +485,13 @@ def _passes_shifted_cholesky(k: Any, tol: Any) -> Any:
         norm = jnp.linalg.norm(w)
         return w / jnp.maximum(norm, tiny), jnp.maximum(bound, norm)
 
-    _, bound = jax.lax.fori_loop(0, 8, body, (v, jnp.max(jnp.abs(jnp.diagonal(s)))))
+    _, bound = jax.lax.fori_loop(0, 30, body, (v, jnp.max(jnp.abs(jnp.diagonal(s)))))
     shifted = s + (0.5 * tol * bound) * jnp.eye(n, dtype=s.dtype)
     factor = jax.lax.linalg.cholesky(shifted, symmetrize_input=False)
-    return jnp.all(jnp.isfinite(factor))
+    return jnp.all(jnp.isfinite(factor)), bound
 
 
-def check_psd(k: Any, name: str, dtype: Any, hint: str = "") -> None:
+def check_psd(k: Any, name: str, dtype: Any, hint: str = "") -> float | None:
     """A flat kernel must be positive semi-definite up to round-off (eagerly, when concrete).
 
     For up to ``PSD_EXACT_MAX_ROWS`` rows the check is exact: a shifted
@@ -500,22 +501,27 @@ def check_psd(k: Any, name: str, dtype: Any, hint: str = "") -> None:
     the message. Above ``PSD_EXACT_MAX_ROWS`` rows, power iterations (90 kernel
     products) estimate the lowest eigenvalue from above, which catches clearly
     indefinite kernels but may miss slightly negative ones.
+
+    Returns an estimate (from below) of the largest eigenvalue, a by-product of
+    the check, or ``None`` for a traced or empty kernel.
     """
     if not is_concrete(k):
-        return
+        return None
     k = jnp.asarray(k)
     if k.size == 0:
-        return
+        return None
     exact = k.shape[0] <= PSD_EXACT_MAX_ROWS
     if exact:
         _, tol = kernel_tolerances(dtype)
         with jax.ensure_compile_time_eval():
-            if bool(_passes_shifted_cholesky(k, tol)):
-                return
+            passes, bound = jax.device_get(_passes_shifted_cholesky(k, tol))
+        if bool(passes):
+            return float(bound)
     stats = _eigenvalue_range if exact else _randomized_eigenvalue_range
     with jax.ensure_compile_time_eval():
         lowest, largest = (float(v) for v in jax.device_get(stats(k)))
     _check_eigenvalue_range(lowest, largest, name, dtype, hint)
+    return largest
 
 
 def check_psd_eigen(eigen: Any, name: str, dtype: Any, hint: str = "") -> None:

@@ -29,7 +29,6 @@ from ntkflow._eigen import Eigen
 __all__ = [
     "AbstractSolver",
     "DiffraxSolver",
-    "Tsit5",
     "Dopri5",
     "Kvaerno5",
     "SolveInfo",
@@ -142,6 +141,11 @@ class AbstractSolver(eqx.Module):
     name: ClassVar[str]
     stiff: ClassVar[bool]
     eigenbasis: ClassVar[bool] = False
+
+    def for_concrete_inputs(self) -> AbstractSolver:
+        """The solver to use when the inputs are concrete arrays (not traced by a JAX
+        transformation): ``self``, or a faster variant that need not be differentiable."""
+        return self
 
     @abc.abstractmethod
     def integrate(
@@ -258,19 +262,6 @@ class DiffraxSolver(AbstractSolver):
         return y, info
 
 
-class Tsit5(DiffraxSolver):
-    """Tsitouras' explicit 5(4) Runge-Kutta method (diffrax ``Tsit5``).
-
-    Cheap steps; efficient while the problem is not stiff (cross-entropy once
-    the softmax saturates, short horizons).
-    """
-
-    name: ClassVar[str] = "tsit5"
-
-    def diffrax_solver(self) -> dfx.AbstractSolver:
-        return dfx.Tsit5()
-
-
 class Dopri5(DiffraxSolver):
     """Dormand-Prince 5(4), the method of neural-tangents' ``odeint``."""
 
@@ -291,7 +282,8 @@ class Kvaerno5(DiffraxSolver):
 
 
 SOLVERS: dict[str, type[AbstractSolver]] = {
-    cls.name: cls for cls in (Tsit5, Dopri5, Kvaerno5)
+    cls.name: cls for cls in (Dopri5, Kvaerno5)
 }
-"""Solver names accepted by ``gradient_descent(..., solver=...)`` (``"expo"`` is
-registered by :mod:`ntkflow._expo`)."""
+"""Solver names accepted by ``gradient_descent(..., solver=...)`` (``"tsit5"``,
+``"expo"`` and ``"rodas5p"`` are registered by :mod:`ntkflow._explicit`,
+:mod:`ntkflow._expo` and :mod:`ntkflow._rosenbrock`)."""

@@ -27,7 +27,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike
 
 # _expo and _rosenbrock register the solvers 'expo' and 'rodas5p' in SOLVERS.
-from ntkflow import _checks, _expo, _rosenbrock  # noqa: F401
+from ntkflow import _checks, _explicit, _expo, _rosenbrock  # noqa: F401
 from ntkflow._auto import AUTO, choose_solver, largest_eigenvalue
 from ntkflow._axes import (
     Layout,
@@ -557,18 +557,20 @@ def gradient_descent(
     b = _Boundary(k_train_train, y_train, trace_axes)
     solver_obj = _resolve_solver(solver)
     # Visible precomputation: the eigendecomposition for the exponential integrator (which
-    # also serves the PSD check), and the largest eigenvalue for the `auto` choice (a few
-    # power iterations).
+    # also serves the PSD check), and the largest eigenvalue for the `auto` choice (a
+    # by-product of the PSD check).
     eigen = (
         Eigen.of(b.k)
         if isinstance(solver_obj, AbstractSolver) and solver_obj.eigenbasis
         else None
     )
+    lam_max: Array | None = None
     if eigen is not None:
         _checks.check_psd_eigen(eigen, "k_train_train", b.k_dtype, _PSD_HINT)
     else:
-        _checks.check_psd(b.k, "k_train_train", b.k_dtype, _PSD_HINT)
-    lam_max = largest_eigenvalue(b.k) if solver_obj == AUTO else None
+        largest = _checks.check_psd(b.k, "k_train_train", b.k_dtype, _PSD_HINT)
+        if solver_obj == AUTO:  # the check's estimate, else a few power iterations
+            lam_max = largest_eigenvalue(b.k) if largest is None else jnp.asarray(largest, b.dtype)
     default_rtol, default_atol = _default_tolerances(b.dtype)
     rtol_ = _checks.check_tolerance("rtol", rtol, default_rtol)
     atol_ = _checks.check_tolerance("atol", atol, default_atol)
@@ -648,6 +650,8 @@ def gradient_descent(
             if chosen.eigenbasis:
                 eigen_now = Eigen.of(dyn.k)
                 dyn = Dynamics(dyn.k, flat_loss, b.y, damping, with_test, eigen_now)
+        if prepared is not None:  # nothing to differentiate: the fastest variant
+            chosen = chosen.for_concrete_inputs()
         readout = _Readout(ft0, qt0, kt, b.layout, b.rows_shape, test_rows, t_shape)
         outputs, info = solve_at(
             dyn, y0, tau.astype(f0.dtype), chosen, rtol_, atol_, max_steps, infinite, readout
