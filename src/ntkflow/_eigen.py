@@ -8,12 +8,12 @@ treated as exact zeros ("null modes").
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from ntkflow._typing import is_concrete
@@ -40,34 +40,48 @@ class Eigen(eqx.Module):
         (``lam <= rcond * max(lam)``, ``rcond = n * eps``).
       lowest: the lowest eigenvalue before clamping (to check positive
         semi-definiteness without another decomposition).
+      evecs_t: ``evecs.T`` stored as its own array, for products ``V^T x``: XLA on
+        CPU multiplies by a transposed operand 2-3x slower than by a stored one
+        (measured at n = 1024), and those products are half of a solver step's.
     """
 
     evals: Float[Array, " n"]
     evecs: Float[Array, "n n"]
     null: Bool[Array, " n"]
     lowest: Float[Array, ""]
+    evecs_t: Float[Array, "n n"]
 
     @classmethod
     def of(cls, k: Float[Array, "n n"]) -> Eigen:
         """Eigendecomposition of ``k``.
 
         A concrete kernel of less than double precision is decomposed in float64
-        (NumPy) and the result rounded back: a float32 ``eigh`` loses about
-        ``eps * max(lam)`` on every eigenvalue, i.e. most of the relative accuracy
-        of the small ones that set long-horizon dynamics. Traced kernels (under
-        ``jit``/``grad``) use ``jnp.linalg.eigh`` in their own precision.
+        (XLA, with 64-bit types enabled for this one call) and the result rounded
+        back: a float32 ``eigh`` loses about ``eps * max(lam)`` on every
+        eigenvalue, i.e. most of the relative accuracy of the small ones that set
+        long-horizon dynamics. (XLA rather than NumPy: on few cores, LAPACK's and
+        XLA's thread pools alternating made calls 2-5x slower.) Traced kernels
+        (under ``jit``/``grad``) use ``jnp.linalg.eigh`` in their own precision.
         """
         if is_concrete(k) and jnp.dtype(k.dtype).itemsize < 8:
-            k64 = np.asarray(k, np.float64)
-            raw, vecs = np.linalg.eigh(0.5 * (k64 + k64.T))
-            return _finish(jnp.asarray(raw, k.dtype), jnp.asarray(vecs, k.dtype), raw.min())
+            with jax.enable_x64(True):
+                raw, vecs, lowest = _eigh64(jnp.asarray(k), k.dtype)
+            return _finish(raw, vecs, lowest)
         return _eigen_of(k)
 
     def to_eigenbasis(self, x: Float[Array, "n ..."]) -> Float[Array, "n ..."]:
-        return jnp.tensordot(self.evecs.T, x, axes=1)
+        return jnp.tensordot(self.evecs_t, x, axes=1)
 
     def from_eigenbasis(self, x: Float[Array, "... n k"]) -> Float[Array, "... n k"]:
         return jnp.einsum("ij,...jk->...ik", self.evecs, x)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _eigh64(k: Array, dtype: Any) -> tuple[Array, Array, Array]:
+    """``eigh`` of ``k`` in float64 (call with 64-bit types enabled), rounded to ``dtype``."""
+    k64 = k.astype(jnp.float64)
+    raw, vecs = jnp.linalg.eigh(0.5 * (k64 + k64.T))
+    return raw.astype(dtype), vecs.astype(dtype), jnp.min(raw, initial=jnp.inf).astype(dtype)
 
 
 @jax.jit
@@ -81,7 +95,9 @@ def _finish(raw: Array, evecs: Array, lowest: Any) -> Eigen:
     evals = jnp.maximum(raw, 0.0)
     rcond = raw.shape[0] * jnp.finfo(raw.dtype).eps
     null = evals <= rcond * jnp.max(evals, initial=0.0)
-    return Eigen(jnp.where(null, 0.0, evals), evecs, null, jnp.asarray(lowest, raw.dtype))
+    return Eigen(
+        jnp.where(null, 0.0, evals), evecs, null, jnp.asarray(lowest, raw.dtype), evecs.T
+    )
 
 
 def phi1(evals: Float[Array, " n"], tau: Float[Array, " m"]) -> Float[Array, "m n"]:

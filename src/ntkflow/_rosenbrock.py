@@ -134,6 +134,7 @@ class _Operator(NamedTuple):
     """``Sq M Sq`` and its pieces, with ``M = V^T H V`` at the start of a step."""
 
     v: Array
+    vt: Array  # V^T, its own array (see ``Eigen.evecs_t``)
     sq: Array  # sqrt(lambda), 0 on null modes
     hvp: Callable[[Array], Array]
 
@@ -143,7 +144,7 @@ class _Operator(NamedTuple):
 
     def m_of_image(self, fx: Array) -> Array:
         """``M`` applied to the eigen-vector whose flat image is ``fx``: ``V^T H fx``."""
-        return self.v.T @ self.hvp(fx)
+        return self.vt @ self.hvp(fx)
 
 
 class _Solution(NamedTuple):
@@ -246,7 +247,7 @@ class Rodas5P(EigenbasisSolver):
         null = eig.null[:, None]
         sq = jnp.sqrt(jnp.where(null, 0.0, eig.evals[:, None]))
         g, hvp = jax.linearize(dyn.grad_fn, x.f)
-        return _Operator(eig.evecs, sq, hvp), rayleigh_curvature(g, hvp(g)), null
+        return _Operator(eig.evecs, eig.evecs_t, sq, hvp), rayleigh_curvature(g, hvp(g)), null
 
     def _step_gd(
         self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float
@@ -263,7 +264,7 @@ class Rodas5P(EigenbasisSolver):
             if i == 0:
                 gz = x.gz
             else:
-                gz = op.v.T @ dyn.grad_fn(x.f + _comb(_A[i, :i], [s.img for s in sols]))
+                gz = op.vt @ dyn.grad_fn(x.f + _comb(_A[i, :i], [s.img for s in sols]))
             rhs = hg * (-op.sq * gz + _comb(_C[i, :i], [s.x for s in sols], 1.0 / h))
             sol, conv = _pcg(op, rhs, one, hg, pinv, tol, sols)
             sols.append(sol)
@@ -277,7 +278,7 @@ class Rodas5P(EigenbasisSolver):
         z = x.z + op.sq * _comb(_M, xs)
         f = x.f + _comb(_M, imgs)
         b = x.b + _comb(_M, kbs) if dyn.with_test else x.b
-        new = _Carry(z, None, b, None, f, op.v.T @ dyn.grad_fn(f))
+        new = _Carry(z, None, b, None, f, op.vt @ dyn.grad_fn(f))
         scale = atol + rtol * jnp.maximum(rms(x.z), rms(z))
         err = rms(op.sq * _comb(_E, xs)) / scale
         return new, jnp.where(ok | ~jnp.isfinite(err), err, jnp.maximum(err, _REJECT))
@@ -315,7 +316,7 @@ class Rodas5P(EigenbasisSolver):
             else:
                 zi = x.z + sc * _comb(_A[i, :i], ks)
                 q = x.q + sc * _comb(_A[i, :i], kt)
-                gz = op.v.T @ dyn.grad_fn(op.v @ zi)
+                gz = op.vt @ dyn.grad_fn(op.v @ zi)
             t = q * inv_sc
             ra = t + _comb(_C[i, :i], ks, 1.0 / h)
             rb = -op.sq * gz + d * t + _comb(_C[i, :i], kt, 1.0 / h)
@@ -352,7 +353,7 @@ class Rodas5P(EigenbasisSolver):
             c = x.c + _comb(_M, kcs)
         else:
             b, c = x.b, x.c
-        new = _Carry(z, q, b, c, f, op.v.T @ dyn.grad_fn(f))
+        new = _Carry(z, q, b, c, f, op.vt @ dyn.grad_fn(f))
         scale = atol + rtol * jnp.maximum(rms(size), rms(jnp.stack([z, q])))
         err = rms(jnp.stack([sc * _comb(_E, ks), sc * _comb(_E, kt)])) / scale
         return new, jnp.where(ok | ~jnp.isfinite(err), err, jnp.maximum(err, _REJECT))
