@@ -47,6 +47,7 @@ concrete inputs Tsit5 runs in ntkflow's own, leaner loop, :mod:`ntkflow._explici
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -62,6 +63,7 @@ from ntkflow._typing import is_concrete
 __all__ = [
     "AUTO",
     "choose_solver",
+    "classify",
     "isotropic_curvature",
     "largest_eigenvalue",
     "targets_minimize",
@@ -123,10 +125,11 @@ def targets_minimize(dynamics: Dynamics, f0: Array) -> Array:
 
 
 @eqx.filter_jit
-def _classify(
+def classify(
     dynamics: Dynamics, y0: FlatState, taus: Array, lam_max: Array
 ) -> tuple[Array, Array, Array, Array]:
-    """``(isotropic, targets minimize, any t infinite, S)`` in one compiled call."""
+    """``(isotropic, targets minimize, any t infinite, S)`` in one compiled call (or inside
+    the caller's: predictors compute them with their input checks)."""
     infinite = jnp.any(jnp.isinf(taus))
     tau_max = jnp.max(jnp.where(jnp.isinf(taus), 0.0, taus), initial=0.0)
     return (
@@ -138,15 +141,18 @@ def _classify(
 
 
 def choose_solver(
-    dynamics: Dynamics, y0: FlatState, taus: Array, lam_max: Array
+    dynamics: Dynamics, y0: FlatState, taus: Array, lam_max: Array, facts: Any = None
 ) -> AbstractSolver:
-    """The solver ``auto`` uses for this request (see the module docstring)."""
+    """The solver ``auto`` uses for this request (see the module docstring); ``facts``:
+    :func:`classify`'s values if already computed."""
     from ntkflow._expo import Expo
     from ntkflow._rosenbrock import Rodas5P
 
     if not is_concrete(taus, y0.f, lam_max):
         return Tsit5()
-    isotropic, minimize, infinite, s = jax.device_get(_classify(dynamics, y0, taus, lam_max))
+    if facts is None:
+        facts = jax.device_get(classify(dynamics, y0, taus, lam_max))
+    isotropic, minimize, infinite, s = facts
     stiff_solver: AbstractSolver
     if isotropic:
         stiff_solver, threshold = Expo(), 100

@@ -28,7 +28,7 @@ from jaxtyping import Array, ArrayLike
 
 # _expo and _rosenbrock register the solvers 'expo' and 'rodas5p' in SOLVERS.
 from ntkflow import _checks, _explicit, _expo, _rosenbrock  # noqa: F401
-from ntkflow._auto import AUTO, choose_solver, largest_eigenvalue
+from ntkflow._auto import AUTO, choose_solver, classify, largest_eigenvalue
 from ntkflow._axes import (
     Layout,
     kernel_rows_shapes,
@@ -253,14 +253,16 @@ def _prepare(
     qxt0: Array | None,
     k_test: Array | None,
     y: Array,
+    auto: tuple[Array, Array | None, Array] | None,
     *,
     layout: Layout,
     rows_shape: tuple[int, ...],
     test_rows: tuple[int, ...] | None,
     dtype: np.dtype,
     flat_loss: FlatLoss,
-) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """Flat times and inputs, and what their value checks need, in one compiled program."""
+) -> tuple[tuple[Any, ...], tuple[Any, ...], Any]:
+    """Flat times and inputs, what their value checks need and, given ``auto = (k, damping,
+    lam_max)``, the facts ``solver="auto"`` decides by, in one compiled program."""
     tau = (times * scale).reshape(-1)
     f0 = _flatten(fx0, layout, rows_shape, dtype)
     q0 = None if qx0 is None else _flatten(qx0, layout, rows_shape, dtype)
@@ -275,7 +277,12 @@ def _prepare(
         bad(f0), flat_loss.value(f0, y), bad(q0), bad(ft0), bad(qt0), bad(kt),
         jnp.any(jnp.isinf(tau)),
     )
-    return (tau, f0, q0, ft0, qt0, kt), stats
+    facts = None
+    if auto is not None:
+        k, damping, lam_max = auto
+        dyn = Dynamics(k.astype(f0.dtype), flat_loss, y, damping, test_rows is not None)
+        facts = classify(dyn, dyn.initial_state(f0, q0), tau.astype(f0.dtype), lam_max)
+    return (tau, f0, q0, ft0, qt0, kt), stats, facts
 
 
 def _prepare_concrete(
@@ -289,8 +296,10 @@ def _prepare_concrete(
     qx_test_0: Any,
     k_test_train: Any,
     test_rows: tuple[int, ...] | None,
+    auto: tuple[Array, Array | None, Array] | None,
 ) -> tuple[Any, ...] | None:
-    """``(tau, f0, q0, ft0, qt0, kt, infinite)`` for a predictor call on concrete inputs.
+    """``(tau, f0, q0, ft0, qt0, kt, infinite, facts)`` for a predictor call on concrete
+    inputs (``facts``: ``auto``'s classification, see :func:`ntkflow._auto.classify`).
 
     The conversions and value checks of the step-by-step path in one compiled
     program and one device-to-host transfer, with the same errors in the same
@@ -316,13 +325,15 @@ def _prepare_concrete(
             kt = jnp.asarray(k_test_train, b.dtype)
     except (TypeError, ValueError):
         return None
-    flat, stats = _prepare(
-        times, scale, fx0, qx0, fxt0, qxt0, kt, b.y, layout=b.layout, rows_shape=b.rows_shape,
-        test_rows=test_rows, dtype=b.dtype, flat_loss=flat_loss,
+    flat, stats, facts = _prepare(
+        times, scale, fx0, qx0, fxt0, qxt0, kt, b.y, auto, layout=b.layout,
+        rows_shape=b.rows_shape, test_rows=test_rows, dtype=b.dtype, flat_loss=flat_loss,
     )
     if not is_concrete(flat, stats):  # called while tracing (e.g. closed-over constants)
         return None
-    bad_f0, loss0, bad_q0, bad_ft0, bad_qt0, bad_kt, infinite = jax.device_get(stats)
+    (bad_f0, loss0, bad_q0, bad_ft0, bad_qt0, bad_kt, infinite), facts = jax.device_get(
+        (stats, facts)
+    )
     tau, f0, q0, ft0, qt0, kt = flat
     _checks.raise_if_nonfinite(int(bad_f0), f0, "fx_train_0")
     if not np.isfinite(loss0):
@@ -331,7 +342,7 @@ def _prepare_concrete(
                            (qt0, bad_qt0, "qx_test"), (kt, bad_kt, "k_test_train")):
         if x is not None:
             _checks.raise_if_nonfinite(int(count), x, name)
-    return tau, f0, q0, ft0, qt0, kt, bool(infinite)
+    return tau, f0, q0, ft0, qt0, kt, bool(infinite), facts
 
 
 def _report(info: SolveInfo, scale: Any, out: Any) -> Any:
@@ -615,12 +626,14 @@ def gradient_descent(
 
         times = _times(t, b.dtype)
         kt = ft0 = qt0 = None
+        auto = (b.k, damping, lam_max) if lam_max is not None else None
         prepared = _prepare_concrete(
             b, flat_loss, times, scale, fx_train_0, qx_train_0, fx_test_0, qx_test_0,
-            k_test_train, test_rows,
+            k_test_train, test_rows, auto,
         )
+        facts = None
         if prepared is not None:
-            tau, f0, q0, ft0, qt0, kt, infinite = prepared
+            tau, f0, q0, ft0, qt0, kt, infinite, facts = prepared
             t_shape = tuple(times.shape)
         else:  # traced (under jax.jit etc.), or an input error to report in order
             tau = times * scale
@@ -646,7 +659,7 @@ def gradient_descent(
         chosen = solver_obj
         if isinstance(chosen, str):
             assert lam_max is not None
-            chosen = choose_solver(dyn, y0, tau, lam_max)
+            chosen = choose_solver(dyn, y0, tau, lam_max, facts)
             if chosen.eigenbasis:
                 eigen_now = Eigen.of(dyn.k)
                 dyn = Dynamics(dyn.k, flat_loss, b.y, damping, with_test, eigen_now)
