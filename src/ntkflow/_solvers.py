@@ -69,10 +69,19 @@ FAILURE_MESSAGES = {
 def projected_gradient(
     dynamics: Dynamics, eigen: Eigen, f: Array
 ) -> tuple[Array, Array]:
-    """``(Pi G, c)``: the loss gradient on non-null modes and the curvature along it."""
+    """``(Pi G, c)``: the loss gradient on non-null modes and the curvature along it.
+
+    Without null modes the projector is the identity, and the two kernel-sized
+    products it costs are skipped (it is evaluated after every step of a solve
+    to ``t = inf``).
+    """
     keep = (~eigen.null)[:, None]
     g = dynamics.grad_fn(f)
-    pg = eigen.evecs @ jnp.where(keep, eigen.to_eigenbasis(g), 0.0)
+
+    def project(g: Array) -> Array:
+        return eigen.evecs @ jnp.where(keep, eigen.to_eigenbasis(g), 0.0)
+
+    pg = jax.lax.cond(jnp.any(eigen.null), project, lambda g: g, g)
     _, hpg = jax.jvp(dynamics.grad_fn, (f,), (pg,))
     tiny = jnp.finfo(f.dtype).tiny
     curvature = jnp.maximum(jnp.vdot(pg, hpg), tiny) / jnp.maximum(jnp.vdot(pg, pg), tiny)
