@@ -31,9 +31,16 @@ from ntkflow._dynamics import Dynamics, FlatState, rms
 from ntkflow._eigen import Eigen, phi1
 from ntkflow._solvers import AbstractSolver, SolveInfo, converged, projected_gradient
 
-__all__ = ["EigenbasisSolver", "rms"]
+__all__ = ["EigenbasisSolver", "next_step_size", "rms"]
 
 _SAFETY, _FAC_MIN, _FAC_MAX = 0.9, 0.2, 10.0
+
+
+def next_step_size(h: Array, err: Array, exponent: float, grow: Array | bool = True) -> Array:
+    """The standard controller: ``h min(10, max(0.2, 0.9 err^(-1/exponent)))``, capped at
+    ``h`` where ``grow`` is false (e.g. right after a rejected step)."""
+    fac = _SAFETY * jnp.where(err > 0, err, 1e-10) ** (-1.0 / exponent)
+    return h * jnp.clip(fac, _FAC_MIN, jnp.where(grow, _FAC_MAX, 1.0))
 
 
 class EigenbasisSolver(AbstractSolver):
@@ -64,8 +71,7 @@ class EigenbasisSolver(AbstractSolver):
     # -- shared machinery -----------------------------------------------------------------------
 
     def _next_h(self, h: Array, err: Array) -> Array:
-        fac = _SAFETY * jnp.where(err > 0, err, 1e-10) ** (-1.0 / self.error_exponent)
-        return h * jnp.clip(fac, _FAC_MIN, _FAC_MAX)
+        return next_step_size(h, err, self.error_exponent)
 
     @staticmethod
     def _initial_h(dyn: Dynamics, y0: FlatState, rtol: float, atol: float) -> Array:
