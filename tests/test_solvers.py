@@ -266,3 +266,29 @@ def test_rodas5p_gives_up_and_says_so():
     predict = nt.predict.gradient_descent(log_cosh, k_tt, y, solver="rodas5p", max_steps=3)
     with pytest.raises(RuntimeError, match="max_steps"):
         predict(1e4, f0)
+
+
+@pytest.mark.parametrize("columns", [1, 3, 10, 17])
+def test_matmul_agrees_with_the_plain_product(columns):
+    # Both branches of the kernel-product helper (transposed for 2..16 columns on CPU), for
+    # a non-symmetric matrix and its stored transpose (as V and V^T), a symmetric one (as K),
+    # under jit and vmap, and its gradient.
+    from ntkflow._eigen import matmul
+
+    rng = np.random.default_rng(columns)
+    a = jnp.asarray(rng.standard_normal((48, 40)), DTYPE)
+    x = jnp.asarray(rng.standard_normal((40, columns)), DTYPE)
+    s = a @ a.T
+    xs = jnp.asarray(rng.standard_normal((48, columns)), DTYPE)
+    tol = 1e-12 if X64 else 1e-5
+    for got, want in (
+        (jax.jit(matmul)(a, a.T, x), np.asarray(a, np.float64) @ np.asarray(x, np.float64)),
+        (matmul(s, s, xs), np.asarray(s, np.float64) @ np.asarray(xs, np.float64)),
+        (jax.vmap(matmul, (None, None, 0))(a, a.T, jnp.stack([x, 2 * x]))[1],
+         2 * np.asarray(a, np.float64) @ np.asarray(x, np.float64)),
+    ):
+        assert got.shape == want.shape
+        assert rel_err(got, want) < tol
+    grad = jax.grad(lambda x: jnp.sum(jnp.sin(matmul(a, a.T, x))))(x)
+    want = a.T @ jnp.cos(a @ x)
+    assert rel_err(grad, want) < tol

@@ -91,8 +91,8 @@ class EigenbasisSolver(AbstractSolver):
     @staticmethod
     def _outputs(eig: Eigen, x: Any) -> FlatState:
         """Train outputs (and velocities) of a carry, without the gradient integrals."""
-        q = None if x.q is None else eig.evecs @ x.q
-        return FlatState(eig.evecs @ x.z, q, None, None)
+        q = None if x.q is None else eig.from_eigenbasis(x.q)
+        return FlatState(eig.from_eigenbasis(x.z), q, None, None)
 
     @staticmethod
     def _state(dyn: Dynamics, eig: Eigen, x0: Any, x: Any, tau: Array) -> FlatState:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ntkflow._axes import Layout, outputs_from_2d
-from ntkflow._eigen import Eigen, phi1
+from ntkflow._eigen import Eigen, matmul, phi1
 
 __all__ = ["FlatState", "FlatLoss", "Dynamics", "rms", "rayleigh_curvature"]
 
@@ -134,7 +134,7 @@ class Dynamics(eqx.Module):
     def vector_field(self, tau: Float[Array, ""], y: FlatState, args: object = None) -> FlatState:
         del tau, args
         g = self.grad_fn(y.f)
-        kg = self.k @ g
+        kg = matmul(self.k, self.k, g)  # K is symmetric
         if not self.momentum:
             return FlatState(-kg, None, g if self.with_test else None, None)
         assert y.q is not None and self.damping is not None
@@ -147,7 +147,7 @@ class Dynamics(eqx.Module):
     def rate(self, y: FlatState) -> tuple[Array, Array]:
         """``(F', L')``: output velocity and loss rate, for convergence tests."""
         g = self.grad_fn(y.f)
-        df = -(self.k @ g) if not self.momentum else y.q
+        df = -matmul(self.k, self.k, g) if not self.momentum else y.q
         assert df is not None
         return df, jnp.vdot(g, df)
 

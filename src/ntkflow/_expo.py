@@ -103,15 +103,15 @@ class Expo(EigenbasisSolver):
         self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float
     ) -> tuple[_Carry, Array]:
         lam = eig.evals[:, None]
-        f = eig.evecs @ x.z
+        f = eig.from_eigenbasis(x.z)
         g = dyn.grad_fn(f)
         c = rayleigh_curvature(g, jax.jvp(dyn.grad_fn, (f,), (g,))[1])
-        gz = eig.evecs_t @ g
+        gz = eig.to_eigenbasis(g)
         n0 = -lam * (gz - c * x.z)
         if x.q is None:
             e, p1, p2 = _scalar_phis(-h * c * lam)
             a = e * x.z + h * p1 * n0
-            gza = eig.evecs_t @ dyn.grad_fn(eig.evecs @ a)
+            gza = eig.to_eigenbasis(dyn.grad_fn(eig.from_eigenbasis(a)))
             corr = h * p2 * (-lam * (gza - c * a) - n0)
             new = _Carry(a + corr, None, x.b + 0.5 * h * (gz + gza), None)
             err = rms(corr) / (atol + rtol * jnp.maximum(rms(x.z), rms(new.z)))
@@ -129,7 +129,7 @@ class Expo(EigenbasisSolver):
         col = lambda m, i, j: m[:, i, j][:, None]
         az = col(e, 0, 0) * x.z + col(e, 0, 1) * x.q + h * col(p1, 0, 1) * n0
         aq = col(e, 1, 0) * x.z + col(e, 1, 1) * x.q + h * col(p1, 1, 1) * n0
-        gza = eig.evecs_t @ dyn.grad_fn(eig.evecs @ az)
+        gza = eig.to_eigenbasis(dyn.grad_fn(eig.from_eigenbasis(az)))
         dn = -lam * (gza - c * az) - n0
         cz, cq = h * col(p2, 0, 1) * dn, h * col(p2, 1, 1) * dn
         # Null modes: b' = g + d b, c' = b, by the exponential trapezoidal rule.

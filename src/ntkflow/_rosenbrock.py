@@ -64,7 +64,7 @@ from jaxtyping import Array
 
 from ntkflow._adaptive import EigenbasisSolver
 from ntkflow._dynamics import Dynamics, FlatState, rayleigh_curvature, rms
-from ntkflow._eigen import Eigen
+from ntkflow._eigen import Eigen, matmul
 from ntkflow._solvers import SOLVERS
 
 __all__ = ["Rodas5P"]
@@ -144,13 +144,21 @@ class _Operator(NamedTuple):
     sq: Array  # sqrt(lambda), 0 on null modes
     hvp: Callable[[Array], Array]
 
+    def to_eigenbasis(self, fx: Array) -> Array:
+        """``V^T fx``."""
+        return matmul(self.vt, self.v, fx)
+
+    def from_eigenbasis(self, x: Array) -> Array:
+        """``V x``."""
+        return matmul(self.v, self.vt, x)
+
     def image(self, x: Array) -> Array:
         """``V (sqrt(Lambda) x)``: a scaled eigen-vector as flat outputs."""
-        return self.v @ (self.sq * x)
+        return self.from_eigenbasis(self.sq * x)
 
     def m_of_image(self, fx: Array) -> Array:
         """``M`` applied to the eigen-vector whose flat image is ``fx``: ``V^T H fx``."""
-        return self.vt @ self.hvp(fx)
+        return self.to_eigenbasis(self.hvp(fx))
 
 
 class _Solution(NamedTuple):
@@ -237,7 +245,7 @@ class Rodas5P(EigenbasisSolver):
 
     @staticmethod
     def _outputs(eig: Eigen, x: _Carry) -> FlatState:
-        q = None if x.q is None else eig.evecs @ x.q
+        q = None if x.q is None else matmul(eig.evecs, eig.evecs_t, x.q)
         return FlatState(x.f, q, None, None)
 
     def _step(
@@ -270,7 +278,7 @@ class Rodas5P(EigenbasisSolver):
             if i == 0:
                 gz = x.gz
             else:
-                gz = op.vt @ dyn.grad_fn(x.f + _comb(_A[i, :i], [s.img for s in sols]))
+                gz = op.to_eigenbasis(dyn.grad_fn(x.f + _comb(_A[i, :i], [s.img for s in sols])))
             rhs = hg * (-op.sq * gz + _comb(_C[i, :i], [s.x for s in sols], 1.0 / h))
             sol, conv = _pcg(op, rhs, one, hg, pinv, tol, sols)
             sols.append(sol)
@@ -284,7 +292,7 @@ class Rodas5P(EigenbasisSolver):
         z = x.z + op.sq * _comb(_M, xs)
         f = x.f + _comb(_M, imgs)
         b = x.b + _comb(_M, kbs) if dyn.with_test else x.b
-        new = _Carry(z, None, b, None, f, op.vt @ dyn.grad_fn(f))
+        new = _Carry(z, None, b, None, f, op.to_eigenbasis(dyn.grad_fn(f)))
         scale = atol + rtol * jnp.maximum(rms(x.z), rms(z))
         err = rms(op.sq * _comb(_E, xs)) / scale
         return new, jnp.where(ok | ~jnp.isfinite(err), err, jnp.maximum(err, _REJECT))
@@ -308,7 +316,7 @@ class Rodas5P(EigenbasisSolver):
 
         def full_m(p: Array) -> Array:
             """``M Sc p`` for a scaled vector with null-mode entries."""
-            return op.m_of_image(op.v @ (sc * p))
+            return op.m_of_image(op.from_eigenbasis(sc * p))
 
         sols: list[_Solution] = []
         ks: list[Array] = []
@@ -322,7 +330,7 @@ class Rodas5P(EigenbasisSolver):
             else:
                 zi = x.z + sc * _comb(_A[i, :i], ks)
                 q = x.q + sc * _comb(_A[i, :i], kt)
-                gz = op.vt @ dyn.grad_fn(op.v @ zi)
+                gz = op.to_eigenbasis(dyn.grad_fn(op.from_eigenbasis(zi)))
             t = q * inv_sc
             ra = t + _comb(_C[i, :i], ks, 1.0 / h)
             rb = -op.sq * gz + d * t + _comb(_C[i, :i], kt, 1.0 / h)
@@ -353,13 +361,13 @@ class Rodas5P(EigenbasisSolver):
                 kcs.append(kc)
         z = x.z + sc * _comb(_M, ks)
         q = x.q + sc * _comb(_M, kt)
-        f = op.v @ z
+        f = op.from_eigenbasis(z)
         if dyn.with_test:
             b = x.b + _comb(_M, kbs)
             c = x.c + _comb(_M, kcs)
         else:
             b, c = x.b, x.c
-        new = _Carry(z, q, b, c, f, op.vt @ dyn.grad_fn(f))
+        new = _Carry(z, q, b, c, f, op.to_eigenbasis(dyn.grad_fn(f)))
         scale = atol + rtol * jnp.maximum(rms(size), rms(jnp.stack([z, q])))
         err = rms(jnp.stack([sc * _comb(_E, ks), sc * _comb(_E, kt)])) / scale
         return new, jnp.where(ok | ~jnp.isfinite(err), err, jnp.maximum(err, _REJECT))

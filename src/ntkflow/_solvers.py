@@ -79,7 +79,7 @@ def projected_gradient(
     g = dynamics.grad_fn(f)
 
     def project(g: Array) -> Array:
-        return eigen.evecs @ jnp.where(keep, eigen.to_eigenbasis(g), 0.0)
+        return eigen.from_eigenbasis(jnp.where(keep, eigen.to_eigenbasis(g), 0.0))
 
     pg = jax.lax.cond(jnp.any(eigen.null), project, lambda g: g, g)
     _, hpg = jax.jvp(dynamics.grad_fn, (f,), (pg,))
