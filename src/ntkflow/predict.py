@@ -192,9 +192,11 @@ _PSD_HINT_MSE = (
 )
 
 
-def _times(t: Any, dtype: np.dtype) -> Array:
+def _times(t: Any, dtype: np.dtype) -> Any:
     t = np.inf if t is None else t
     t = _checks.check_times(t)
+    if not isinstance(t, jax.Array):  # Python or NumPy: jit transfers it with the call
+        return np.asarray(t, dtype)
     return jnp.asarray(t, dtype)
 
 
@@ -252,8 +254,10 @@ def _prepare(
     fxt0: Array | None,
     qxt0: Array | None,
     k_test: Array | None,
+    k: Array,
     y: Array,
-    auto: tuple[Array, Array | None, Array] | None,
+    damping: Array | None,
+    lam_max: Array | None,
     *,
     layout: Layout,
     rows_shape: tuple[int, ...],
@@ -261,8 +265,8 @@ def _prepare(
     dtype: np.dtype,
     flat_loss: FlatLoss,
 ) -> tuple[tuple[Any, ...], tuple[Any, ...], Any]:
-    """Flat times and inputs, what their value checks need and, given ``auto = (k, damping,
-    lam_max)``, the facts ``solver="auto"`` decides by, in one compiled program."""
+    """Flat times and inputs, the initial ODE state, what the value checks need and, given
+    ``lam_max``, the facts ``solver="auto"`` decides by, in one compiled program."""
     tau = (times * scale).reshape(-1)
     f0 = _flatten(fx0, layout, rows_shape, dtype)
     q0 = None if qx0 is None else _flatten(qx0, layout, rows_shape, dtype)
@@ -277,12 +281,10 @@ def _prepare(
         bad(f0), flat_loss.value(f0, y), bad(q0), bad(ft0), bad(qt0), bad(kt),
         jnp.any(jnp.isinf(tau)),
     )
-    facts = None
-    if auto is not None:
-        k, damping, lam_max = auto
-        dyn = Dynamics(k.astype(f0.dtype), flat_loss, y, damping, test_rows is not None)
-        facts = classify(dyn, dyn.initial_state(f0, q0), tau.astype(f0.dtype), lam_max)
-    return (tau, f0, q0, ft0, qt0, kt), stats, facts
+    dyn = Dynamics(k.astype(f0.dtype), flat_loss, y, damping, test_rows is not None)
+    y0 = dyn.initial_state(f0, q0)
+    facts = None if lam_max is None else classify(dyn, y0, tau.astype(f0.dtype), lam_max)
+    return (tau, f0, q0, ft0, qt0, kt, y0), stats, facts
 
 
 def _prepare_concrete(
@@ -296,10 +298,12 @@ def _prepare_concrete(
     qx_test_0: Any,
     k_test_train: Any,
     test_rows: tuple[int, ...] | None,
-    auto: tuple[Array, Array | None, Array] | None,
+    damping: Array | None,
+    lam_max: Array | None,
 ) -> tuple[Any, ...] | None:
-    """``(tau, f0, q0, ft0, qt0, kt, infinite, facts)`` for a predictor call on concrete
-    inputs (``facts``: ``auto``'s classification, see :func:`ntkflow._auto.classify`).
+    """``(tau, f0, q0, ft0, qt0, kt, y0, infinite, facts)`` for a predictor call on concrete
+    inputs (``y0``: the initial ODE state; ``facts``: ``auto``'s classification, given
+    ``lam_max``; see :func:`ntkflow._auto.classify`).
 
     The conversions and value checks of the step-by-step path in one compiled
     program and one device-to-host transfer, with the same errors in the same
@@ -326,7 +330,7 @@ def _prepare_concrete(
     except (TypeError, ValueError):
         return None
     flat, stats, facts = _prepare(
-        times, scale, fx0, qx0, fxt0, qxt0, kt, b.y, auto, layout=b.layout,
+        times, scale, fx0, qx0, fxt0, qxt0, kt, b.k, b.y, damping, lam_max, layout=b.layout,
         rows_shape=b.rows_shape, test_rows=test_rows, dtype=b.dtype, flat_loss=flat_loss,
     )
     if not is_concrete(flat, stats):  # called while tracing (e.g. closed-over constants)
@@ -334,7 +338,7 @@ def _prepare_concrete(
     (bad_f0, loss0, bad_q0, bad_ft0, bad_qt0, bad_kt, infinite), facts = jax.device_get(
         (stats, facts)
     )
-    tau, f0, q0, ft0, qt0, kt = flat
+    tau, f0, q0, ft0, qt0, kt, y0 = flat
     _checks.raise_if_nonfinite(int(bad_f0), f0, "fx_train_0")
     if not np.isfinite(loss0):
         _checks.raise_nonfinite_initial_loss(loss0)
@@ -342,7 +346,7 @@ def _prepare_concrete(
                            (qt0, bad_qt0, "qx_test"), (kt, bad_kt, "k_test_train")):
         if x is not None:
             _checks.raise_if_nonfinite(int(count), x, name)
-    return tau, f0, q0, ft0, qt0, kt, bool(infinite), facts
+    return tau, f0, q0, ft0, qt0, kt, y0, bool(infinite), facts
 
 
 def _report(info: SolveInfo, scale: Any, out: Any) -> Any:
@@ -626,14 +630,13 @@ def gradient_descent(
 
         times = _times(t, b.dtype)
         kt = ft0 = qt0 = None
-        auto = (b.k, damping, lam_max) if lam_max is not None else None
         prepared = _prepare_concrete(
             b, flat_loss, times, scale, fx_train_0, qx_train_0, fx_test_0, qx_test_0,
-            k_test_train, test_rows, auto,
+            k_test_train, test_rows, damping, lam_max,
         )
-        facts = None
+        facts = y0 = None
         if prepared is not None:
-            tau, f0, q0, ft0, qt0, kt, infinite, facts = prepared
+            tau, f0, q0, ft0, qt0, kt, y0, infinite, facts = prepared
             t_shape = tuple(times.shape)
         else:  # traced (under jax.jit etc.), or an input error to report in order
             tau = times * scale
@@ -655,7 +658,8 @@ def gradient_descent(
                 kt = _checks.check_finite(b.flat_kernel(k_test_train), "k_test_train")
             infinite = bool(jnp.any(jnp.isinf(tau))) if is_concrete(tau) else None
         dyn = Dynamics(b.k.astype(f0.dtype), flat_loss, b.y, damping, with_test, eigen)
-        y0 = dyn.initial_state(f0, q0)
+        if y0 is None:
+            y0 = dyn.initial_state(f0, q0)
         chosen = solver_obj
         if isinstance(chosen, str):
             assert lam_max is not None
