@@ -10,6 +10,7 @@ import pytest
 import ntkflow as nt
 from ntkflow._auto import choose_solver, largest_eigenvalue
 from ntkflow._axes import make_layout
+from ntkflow._chebyshev import Chebyshev
 from ntkflow._dynamics import Dynamics, FlatLoss
 from ntkflow._explicit import Tsit5
 from ntkflow._expo import Expo
@@ -171,7 +172,8 @@ def test_auto_choice_is_explicit():
     y0 = dyn.initial_state(f0, None)
     lam = largest_eigenvalue(k_tt)
     assert abs(float(lam) - float(jnp.linalg.eigvalsh(k_tt)[-1])) < 1e-3 * float(lam)
-    assert isinstance(choose_solver(dyn, y0, jnp.array([1e-3]), lam), Tsit5)
+    # MSE, short horizons: the Chebyshev expansion; long ones (and t = inf): expo.
+    assert isinstance(choose_solver(dyn, y0, jnp.array([1e-3]), lam), Chebyshev)
     assert isinstance(choose_solver(dyn, y0, jnp.array([1e6]), lam), Expo)
     assert isinstance(choose_solver(dyn, y0, jnp.array([1.0, jnp.inf]), lam), Expo)
     # Anisotropic curvature: regression losses (the targets minimize them) get the
@@ -292,3 +294,67 @@ def test_matmul_agrees_with_the_plain_product(columns):
     grad = jax.grad(lambda x: jnp.sum(jnp.sin(matmul(a, a.T, x))))(x)
     want = a.T @ jnp.cos(a @ x)
     assert rel_err(grad, want) < tol
+
+
+@pytest.mark.parametrize("problem", ["stiff", "singular"])
+def test_chebyshev_matches_closed_form(problem):
+    """MSE at short horizons: the Chebyshev expansion (what ``auto`` picks there) against
+    the closed form, train and test outputs, unsorted and repeated times, on a full-rank
+    kernel and on one with null modes; and through ``auto``."""
+    from ntkflow._ode import solve_at
+
+    if problem == "stiff":
+        k_tt, k_st, y, f0, ft0 = _stiff_problem(cond=1e3)
+    else:
+        k_tt, k_st, y, f0, ft0 = _singular_problem()
+    lam = float(jnp.linalg.eigvalsh(k_tt)[-1])
+    size = y.size
+    ts = jnp.array([20.0, 0.0, 5.0, 20.0, 0.3], DTYPE) * size / lam  # stiffness up to 20
+    exact = nt.predict.gradient_descent_mse(k_tt, y)(ts, f0, ft0, k_st)
+    layout = make_layout(y.shape, (-1,))
+    dyn = Dynamics(k_tt, FlatLoss(mse, layout, (y.shape[0],)), y, None, True)
+    y0 = dyn.initial_state(f0, None)
+    states, info = solve_at(dyn, y0, ts, Chebyshev(), TOL["rtol"], TOL["atol"], 100)
+    assert bool(info.ok) and 5 <= int(info.num_steps) < 60
+    assert rel_err(states.f, exact[0]) < 100 * TOL["rtol"]
+    ft = dyn.test_outputs(ts, states, ft0, None, k_st)[0]
+    assert rel_err(ft, exact[1]) < 100 * TOL["rtol"]
+    got = nt.predict.gradient_descent(mse, k_tt, y)(ts, f0, ft0, k_st)
+    for a, b in zip(got, exact, strict=True):
+        assert rel_err(a, b) < 100 * TOL["rtol"]
+
+
+def test_chebyshev_reports_a_horizon_beyond_its_degree_limit():
+    from ntkflow._ode import solve_at
+    from ntkflow._solvers import FAILURE_MESSAGES
+
+    k_tt, _, y, f0, _ = _stiff_problem(cond=1e3)
+    layout = make_layout(y.shape, (-1,))
+    dyn = Dynamics(k_tt, FlatLoss(mse, layout, (y.shape[0],)), y, None, False)
+    t = jnp.array([1e5 * y.size / float(jnp.linalg.eigvalsh(k_tt)[-1])], DTYPE)
+    _, info = solve_at(dyn, dyn.initial_state(f0, None), t, Chebyshev(), 1e-6, 1e-6, 100)
+    assert not bool(info.ok) and int(info.code) == 3
+    assert "degree" in FAILURE_MESSAGES[3]
+
+
+def test_chebyshev_only_for_losses_quadratic_everywhere():
+    """log-cosh with targets +-1 from f = 0 has the same curvature in every entry there
+    (isotropic at f0) but is not quadratic: ``auto`` must not use the expansion, and its
+    answer matches a tight explicit solve."""
+    k_tt, k_st, _, _, ft0 = _stiff_problem(cond=1e3)
+    y = jnp.sign(jax.random.normal(jax.random.PRNGKey(11), (k_tt.shape[0], 3), DTYPE))
+    f0 = jnp.zeros_like(y)
+    layout = make_layout(y.shape, (-1,))
+    dyn = Dynamics(k_tt, FlatLoss(log_cosh, layout, (y.shape[0],)), y, None, False)
+    y0 = dyn.initial_state(f0, None)
+    lam = largest_eigenvalue(k_tt)
+    t = jnp.array([5.0 * y.size / float(lam)], DTYPE)
+    chosen = choose_solver(dyn, y0, t, lam)
+    assert not isinstance(chosen, Chebyshev)
+    mse_dyn = Dynamics(k_tt, FlatLoss(mse, layout, (y.shape[0],)), y, None, False)
+    assert isinstance(choose_solver(mse_dyn, y0, t, lam), Chebyshev)
+    tight = dict(rtol=1e-10, atol=1e-10) if X64 else {}
+    ref = nt.predict.gradient_descent(log_cosh, k_tt, y, solver="tsit5", **tight)
+    got = nt.predict.gradient_descent(log_cosh, k_tt, y)
+    for a, b in zip(got(t, f0, ft0, k_st), ref(t, f0, ft0, k_st), strict=True):
+        assert rel_err(a, b) < (1e-7 if X64 else 5e-3)

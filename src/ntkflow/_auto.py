@@ -33,7 +33,12 @@ Three properties of a request decide (measured in ``benchmarks/RESULTS.md``):
   exponential integrator and :math:`S > 0.55\,n + 3000` for the Rosenbrock
   method.
 
-``auto`` picks, when the request is stiff or ``t`` contains ``inf``:
+``auto`` picks, for plain gradient descent with an isotropic loss (MSE) at finite
+times whose horizon satisfies :math:`W = c_0 \lambda_\text{ub} \tau_\max \le 200`
+(:math:`\lambda_\text{ub} \ge \lambda_\max`, a bound from one pass over the
+kernel), the Chebyshev expansion of the exact solution (:mod:`ntkflow._chebyshev`;
+about 20 kernel products at :math:`S = 10`, where Tsit5 needs 80-130). Otherwise,
+when the request is stiff or ``t`` contains ``inf``:
 ``"expo"`` for isotropic losses, ``"rodas5p"`` for regression losses; and
 ``"tsit5"`` (Tsitouras 5(4), explicit, with the test outputs kept out of the
 ODE state) otherwise: for classification losses, short horizons, and when
@@ -55,6 +60,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from ntkflow._axes import outputs_to_2d
+from ntkflow._chebyshev import MAX_WIDTH, Chebyshev, spectral_bound
 from ntkflow._dynamics import Dynamics, FlatState, rayleigh_curvature, rms
 from ntkflow._explicit import Tsit5
 from ntkflow._solvers import AbstractSolver
@@ -65,6 +71,7 @@ __all__ = [
     "choose_solver",
     "classify",
     "isotropic_curvature",
+    "isotropic_quadratic",
     "largest_eigenvalue",
     "targets_minimize",
 ]
@@ -97,9 +104,9 @@ def stiffness(dynamics: Dynamics, y0: FlatState, tau_max: Array, lam_max: Array)
     return rate * tau_max
 
 
-@eqx.filter_jit
-def isotropic_curvature(dynamics: Dynamics, f: Array, rtol: float = 1e-3) -> Array:
-    """Whether the loss Hessian at ``f`` looks like ``c * I`` (see the module docstring)."""
+def _rayleigh_quotients(dynamics: Dynamics, f: Array) -> Array:
+    """Rayleigh quotients of the loss Hessian at ``f`` along the gradient and four fixed
+    pseudo-random directions (the gradient's replaced by the first of those if it is 0)."""
     g = dynamics.grad_fn(f)
     dirs = jax.random.normal(jax.random.PRNGKey(0), (4,) + f.shape, f.dtype)
     dirs = jnp.concatenate([g[None], dirs])
@@ -109,8 +116,32 @@ def isotropic_curvature(dynamics: Dynamics, f: Array, rtol: float = 1e-3) -> Arr
         return jnp.vdot(v, hv) / jnp.maximum(jnp.vdot(v, v), jnp.finfo(f.dtype).tiny)
 
     q = jax.vmap(rayleigh)(dirs)
-    q = jnp.where(jnp.vdot(g, g) > 0, q, jnp.concatenate([q[1:2], q[1:]]))  # g = 0: skip it
+    return jnp.where(jnp.vdot(g, g) > 0, q, jnp.concatenate([q[1:2], q[1:]]))
+
+
+def _agree(q: Array, rtol: float) -> Array:
     return (jnp.max(q) - jnp.min(q) <= rtol * jnp.max(jnp.abs(q))) & (jnp.min(q) > 0)
+
+
+@eqx.filter_jit
+def isotropic_curvature(dynamics: Dynamics, f: Array, rtol: float = 1e-3) -> Array:
+    """Whether the loss Hessian at ``f`` looks like ``c * I`` (see the module docstring)."""
+    return _agree(_rayleigh_quotients(dynamics, f), rtol)
+
+
+@eqx.filter_jit
+def isotropic_quadratic(dynamics: Dynamics, f: Array, rtol: float = 1e-3) -> Array:
+    """Whether the loss looks quadratic with Hessian ``c * I``: the Rayleigh quotients agree
+    at ``f`` and at a second, pseudo-random point ``f + u`` (``rms(u) = max(1, rms(f))``).
+
+    Isotropy at one point is not enough for the Chebyshev expansion, which assumes it
+    everywhere: log-cosh with targets of equal magnitude (e.g. ``+-1``) starting from ``f =
+    0`` has the same curvature in every entry there, and not elsewhere.
+    """
+    u = jax.random.normal(jax.random.PRNGKey(1), f.shape, f.dtype)
+    f1 = f + jnp.maximum(1.0, rms(f)) * u
+    q = jnp.concatenate([_rayleigh_quotients(dynamics, f), _rayleigh_quotients(dynamics, f1)])
+    return _agree(q, rtol)
 
 
 @eqx.filter_jit
@@ -127,16 +158,27 @@ def targets_minimize(dynamics: Dynamics, f0: Array) -> Array:
 @eqx.filter_jit
 def classify(
     dynamics: Dynamics, y0: FlatState, taus: Array, lam_max: Array
-) -> tuple[Array, Array, Array, Array]:
-    """``(isotropic, targets minimize, any t infinite, S)`` in one compiled call (or inside
-    the caller's: predictors compute them with their input checks)."""
+) -> tuple[Array, Array, Array, Array, Array]:
+    """``(isotropic, targets minimize, any t infinite, S, W)`` in one compiled call (or
+    inside the caller's: predictors compute them with their input checks). ``W``: ``S``
+    with an upper bound of the kernel's spectrum instead of ``lambda_max`` (the Chebyshev
+    expansion's interval), ``inf`` unless the loss looks quadratic and isotropic."""
     infinite = jnp.any(jnp.isinf(taus))
     tau_max = jnp.max(jnp.where(jnp.isinf(taus), 0.0, taus), initial=0.0)
+    s = stiffness(dynamics, y0, tau_max, lam_max)
+    isotropic = isotropic_curvature(dynamics, y0.f)
+
+    def width(_: None) -> Array:  # only for isotropic losses: 5 more Hessian products
+        w = s * spectral_bound(dynamics.k) / jnp.maximum(lam_max, jnp.finfo(s.dtype).tiny)
+        return jnp.where(isotropic_quadratic(dynamics, y0.f), w, jnp.inf).astype(s.dtype)
+
+    no_width = lambda _: jnp.full((), jnp.inf, s.dtype)
     return (
-        isotropic_curvature(dynamics, y0.f),
+        isotropic,
         targets_minimize(dynamics, y0.f),
         infinite,
-        stiffness(dynamics, y0, tau_max, lam_max),
+        s,
+        jax.lax.cond(isotropic, width, no_width, None),
     )
 
 
@@ -152,7 +194,9 @@ def choose_solver(
         return Tsit5()
     if facts is None:
         facts = jax.device_get(classify(dynamics, y0, taus, lam_max))
-    isotropic, minimize, infinite, s = facts
+    isotropic, minimize, infinite, s, width = facts
+    if isotropic and not dynamics.momentum and not infinite and width <= MAX_WIDTH:
+        return Chebyshev()
     stiff_solver: AbstractSolver
     if isotropic:
         stiff_solver, threshold = Expo(), 100

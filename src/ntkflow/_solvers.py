@@ -46,7 +46,8 @@ class SolveInfo(NamedTuple):
       tau: the (scaled) time reached.
       num_steps: accepted plus rejected steps.
       num_rhs: right-hand-side (vector field) evaluations, where known.
-      message: code: 0 success, 1 max steps reached, 2 non-finite values.
+      message: code: 0 success, 1 max steps reached, 2 non-finite values, 3 degree
+        limit (Chebyshev expansion).
     """
 
     ok: Array
@@ -63,6 +64,8 @@ FAILURE_MESSAGES = {
     2: "the solution became non-finite (NaN/inf). The kernel may not be positive "
     "semi-definite, or the loss may overflow; check `k_train_train`, the loss and "
     "the initial outputs.",
+    3: "the Chebyshev expansion would need a degree above its limit (the horizon is too "
+    "stiff for it); use solver='expo' or 'tsit5'.",
 }
 
 

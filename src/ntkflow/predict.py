@@ -537,8 +537,9 @@ def gradient_descent(
         kernel's eigenbasis, stiff, exact for MSE; ``"rodas5p"``: Rosenbrock
         method with the true Jacobian in the eigenbasis, stiff, any loss;
         ``"tsit5"``, ``"dopri5"``: explicit; ``"kvaerno5"``: implicit, small
-        problems) or a solver instance. For stiff requests and ``t = inf``,
-        ``"auto"`` picks ``"expo"`` (isotropic loss curvature, e.g. MSE) or
+        problems) or a solver instance. ``"auto"`` picks a Chebyshev expansion
+        of the exact solution for the MSE at short horizons; for stiff requests
+        and ``t = inf``, ``"expo"`` (isotropic loss curvature, e.g. MSE) or
         ``"rodas5p"`` (other regression losses), and ``"tsit5"`` otherwise;
         see :mod:`ntkflow._auto`.
       rtol, atol: keyword-only tolerances of the adaptive solver (default
