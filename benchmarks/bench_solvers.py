@@ -73,13 +73,15 @@ with the momentum in the table header.
 
 Measurements
 ------------
-* Time: median of ``--repeats`` (3) wall-clock runs after a warm-up (ntkflow: one
-  untimed call that also compiles; baseline: ahead-of-time compilation), each ended by
-  ``jax.block_until_ready``. A solve slower than ``--single-run`` seconds is timed once
-  (marked ``*``). A solve slower than its cap (``--baseline-timeout``,
-  ``--ntkflow-timeout``) is abandoned (its process is killed) and reported as ``> cap``;
-  the same method is then skipped, as ``> cap``, on the cells of the same precision,
-  loss and horizon with at least as many train and test points (and a cap no larger).
+* Time: median of wall-clock runs after a warm-up (ntkflow: one untimed call that also
+  compiles; baseline: ahead-of-time compilation), each ended by ``jax.block_until_ready``:
+  ``--repeats`` (3) runs, more for fast solves until they add up to 0.3 s (at most 21),
+  with Python's garbage collector off (as ``timeit``). A solve slower than
+  ``--single-run`` seconds is timed once (marked ``*``). A solve slower than its cap
+  (``--baseline-timeout``, ``--ntkflow-timeout``) is abandoned (its process is killed)
+  and reported as ``> cap``; the same method is then skipped, as ``> cap``, on the cells
+  of the same precision, loss and horizon with at least as many train and test points
+  (and a cap no larger).
   Speed-ups against a capped baseline are lower bounds (``>``). ``--baseline-timeout-stiff``
   (default: ``--baseline-timeout``) sets the baseline's cap for the converged cells with
   n >= 1024 alone, so that their long solves can be measured instead of capped.
@@ -92,12 +94,17 @@ Measurements
   ``--reference-timeout`` (``n/a`` beyond). Cross-entropy has no finite end point (the
   outputs grow without bound); its ``t=None`` cell reports the training loss reached.
 * Work: ntkflow's solver steps (``auto``'s choice: ``expo`` = exponential integrator,
-  ``tsit5`` = explicit); the baseline's right-hand-side evaluations (each one product
+  ``rodas5p`` = Rosenbrock method, ``tsit5`` = explicit; for ``chebyshev``, the Chebyshev
+  expansion of the MSE solution, its degree, i.e. kernel products); the baseline's
+  right-hand-side evaluations (each one product
   with the ``(n + n_test) x n`` kernel), counted by a ``jax.debug.callback`` in a
   separate, untimed run when a solve takes under ``--single-run`` seconds (else ``n/a``).
-* Memory: the peak growth of the process's resident set size during the timed runs,
-  sampled every 2 ms from ``/proc/self/statm`` after ``malloc_trim``, in MiB (Linux; an
-  estimate: memory the allocator already holds is not counted).
+* Memory: the peak growth of the process's resident set size during one run, sampled
+  every 2 ms from ``/proc/self/statm`` after ``malloc_trim``, in MiB (Linux; an estimate:
+  memory the allocator already holds is not counted). It is a separate, untimed run for
+  solves timed several times: the sampler's thread competes for the interpreter lock and
+  slowed ntkflow's few-millisecond calls (Python dispatch between compiled calls) by up
+  to a third, the baseline's single compiled call much less.
 
 Each precision runs in its own processes (``JAX_ENABLE_X64`` set accordingly): one for
 ntkflow and the floor, one for the baseline, one (float64) for the references, so a
@@ -117,6 +124,7 @@ import argparse
 import contextlib
 import ctypes
 import datetime
+import gc
 import hashlib
 import importlib.util
 import math
@@ -149,6 +157,8 @@ MOMENTUM_SECTION = "## Solvers with momentum"
 STIFF_N = 1024  # --baseline-timeout-stiff: converged cells with n >= this
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 GRACE = 15.0  # seconds a worker may overrun a deadline (process start, messaging)
+MIN_TIMED = 0.3  # fast solves are repeated until their timed runs add up to this (s)
+MAX_REPEATS = 21
 
 
 # ---------------------------------------------------------------------------
@@ -349,21 +359,40 @@ class Worker:
     # -- timing ---------------------------------------------------------------------------
 
     def timed_runs(self, run: Callable[[], Any], first: float, task: dict, cap: float) -> dict:
-        """Median of ``repeats`` runs (one if ``first`` is slow), with RSS growth."""
+        """Median of the timed runs (see the module docstring), and the RSS growth.
+
+        Fast solves: ``repeats`` runs, more (up to ``MAX_REPEATS``) until they add up to
+        ``MIN_TIMED`` seconds, with the garbage collector off (as ``timeit``) and no memory
+        sampler, whose thread would compete for the interpreter lock; the memory is
+        measured in one more run. A slow solve (``first`` over ``single_run``) is timed
+        once, with the sampler (its overhead is then negligible).
+        """
         import jax
 
-        repeats = task["repeats"] if first <= task["single_run"] else 1
+        single = first > task["single_run"]
         times: list[float] = []
         mem = {"mib": float("nan")}
         out = None
-        with peak_rss_growth(mem):
-            for _ in range(repeats):
-                self.deadline(cap)
-                start = time.perf_counter()
-                out = jax.block_until_ready(run())
-                times.append(time.perf_counter() - start)
-                if times[-1] > cap:
-                    return {"status": "cap"}
+        sampler = peak_rss_growth(mem) if single else contextlib.nullcontext()
+        gc.collect()
+        gc.disable()
+        try:
+            with sampler:
+                while not times or (not single and (
+                        len(times) < task["repeats"]
+                        or (sum(times) < MIN_TIMED and len(times) < MAX_REPEATS))):
+                    self.deadline(cap)
+                    start = time.perf_counter()
+                    out = jax.block_until_ready(run())
+                    times.append(time.perf_counter() - start)
+                    if times[-1] > cap:
+                        return {"status": "cap"}
+        finally:
+            gc.enable()
+        if not single:
+            self.deadline(cap)
+            with peak_rss_growth(mem):
+                jax.block_until_ready(run())
         return {"status": "ok", "time": statistics.median(times), "runs": len(times),
                 "out": out, "mem": mem["mib"], "times": times}
 
@@ -439,13 +468,15 @@ class Worker:
         if first > cap:
             return {"status": "cap"}
         self.solve_infos.clear()
+        timed_from = len(builds)
         result = self.timed_runs(run, first, task, cap)
         if result["status"] != "ok":
             return result
         result["error"] = self.error(task, result.pop("out"))
         totals = result.pop("times")
+        timed_builds = builds[timed_from:timed_from + len(totals)]
         result["predict"] = statistics.median(
-            a - b for a, b in zip(totals, builds[-len(totals):], strict=True))
+            a - b for a, b in zip(totals, timed_builds, strict=True))
         if self.solve_infos:
             name, info = self.solve_infos[-1]
             result["solver"] = name
@@ -975,7 +1006,8 @@ def render(cells: list[Cell], floors: dict, args: argparse.Namespace, info: dict
                   "(the fastest damping or oscillation rate times t).")
     parts += [
         "",
-        "Times in seconds (median of 3; `*`: timed once, the solve being slower than "
+        f"Times in seconds (median of at least {args.repeats} runs, up to {MAX_REPEATS} for "
+        f"fast solves, until {MIN_TIMED:g} s; `*`: timed once, the solve being slower than "
         f"{args.single_run:g} s). `> cap`: abandoned after the cap "
         f"(baseline {args.baseline_timeout:g} s{stiff_cap}, ntkflow "
         f"{args.ntkflow_timeout:g} s), or "
@@ -983,7 +1015,8 @@ def render(cells: list[Cell], floors: dict, args: argparse.Namespace, info: dict
         f"baseline are lower bounds. {s_text} Errors: max "
         "abs error of (fx_train, fx_test) vs a float64 reference (`n/a`: reference over its "
         f"{args.reference_timeout:g} s cap); for cross-entropy at t=None, the training loss "
-        "reached. ΔRSS: peak resident-memory growth during the timed runs.",
+        "reached. ΔRSS: peak resident-memory growth during one run (a separate, untimed "
+        "one for solves timed several times).",
         "",
         table(cells, floors, args),
         "",
