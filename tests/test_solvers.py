@@ -187,6 +187,11 @@ def test_auto_choice_is_explicit():
     classification = Dynamics(k_tt, flat(cross_entropy), labels, None, False)
     for t in (1e6, jnp.inf):
         assert isinstance(choose_solver(classification, y0, jnp.array([t]), lam), Tsit5)
+    # With momentum the damping keeps a classification loss stiff: Rosenbrock when stiff.
+    damped = Dynamics(k_tt, flat(cross_entropy), labels, jnp.asarray(-0.1, DTYPE), False)
+    for t in (1e6, jnp.inf):
+        assert isinstance(choose_solver(damped, y0, jnp.array([t]), lam), Rodas5P)
+    assert isinstance(choose_solver(damped, y0, jnp.array([1e-3]), lam), Tsit5)
     with_momentum = Dynamics(k_tt, dyn.loss, y, jnp.asarray(-0.1, DTYPE), False)
     assert isinstance(choose_solver(with_momentum, y0, jnp.array([1e-3]), lam), Tsit5)
     assert isinstance(choose_solver(with_momentum, y0, jnp.array([1e6]), lam), Expo)
@@ -358,3 +363,20 @@ def test_chebyshev_only_for_losses_quadratic_everywhere():
     got = nt.predict.gradient_descent(log_cosh, k_tt, y)
     for a, b in zip(got(t, f0, ft0, k_st), ref(t, f0, ft0, k_st), strict=True):
         assert rel_err(a, b) < (1e-7 if X64 else 5e-3)
+
+
+def test_rodas5p_with_momentum_on_cross_entropy():
+    """Cross-entropy with momentum (what ``auto`` gives the Rosenbrock method when stiff):
+    against a tight explicit solve at finite times, and at t = inf a training loss within
+    the convergence criterion."""
+    k_tt, k_st, _, f0, ft0 = _stiff_problem(cond=1e3)
+    labels = jax.nn.one_hot(jnp.arange(k_tt.shape[0]) % 3, 3, dtype=DTYPE)
+    ts = jnp.array([1.0, 30.0, 300.0], DTYPE)
+    tight = dict(rtol=1e-11, atol=1e-11) if X64 else {}
+    gd = nt.predict.gradient_descent
+    ref = gd(cross_entropy, k_tt, labels, 1.0, 0.9, solver="tsit5", **tight)
+    got = gd(cross_entropy, k_tt, labels, 1.0, 0.9, solver="rodas5p")
+    for a, b in zip(got(ts, f0, ft0, k_st), ref(ts, f0, ft0, k_st), strict=True):
+        assert rel_err(a, b) < (1e-7 if X64 else 5e-3)
+    end = got(None, f0, ft0, k_st)[0]
+    assert float(cross_entropy(end, labels)) < 1e-4 * float(cross_entropy(f0, labels))
