@@ -360,7 +360,9 @@ def _report(info: SolveInfo, scale: Any, out: Any) -> Any:
                 f"after {int(info.num_steps)} steps: {FAILURE_MESSAGES.get(code, 'unknown')}"
             )
         return out
-    message = "ntkflow: the ODE solve failed: " + " Or: ".join(FAILURE_MESSAGES.values())
+    # Traced inputs never get the Chebyshev expansion (code 3): the other two reasons.
+    reasons = (FAILURE_MESSAGES[1], FAILURE_MESSAGES[2])
+    message = "ntkflow: the ODE solve failed: " + " Or: ".join(reasons)
     return jax.tree.map(lambda x: eqx.error_if(x, ~info.ok, message), out)
 
 
