@@ -64,7 +64,7 @@ from jaxtyping import Array
 
 from ntkflow._adaptive import EigenbasisSolver
 from ntkflow._dynamics import Dynamics, FlatState, rayleigh_curvature, rms
-from ntkflow._eigen import Eigen, matmul
+from ntkflow._eigen import Eigen
 from ntkflow._solvers import SOLVERS
 
 __all__ = ["Rodas5P"]
@@ -139,18 +139,15 @@ class _Carry(NamedTuple):
 class _Operator(NamedTuple):
     """``Sq M Sq`` and its pieces, with ``M = V^T H V`` at the start of a step."""
 
-    v: Array
-    vt: Array  # V^T, its own array (see ``Eigen.evecs_t``)
+    eig: Eigen
     sq: Array  # sqrt(lambda), 0 on null modes
     hvp: Callable[[Array], Array]
 
     def to_eigenbasis(self, fx: Array) -> Array:
-        """``V^T fx``."""
-        return matmul(self.vt, self.v, fx)
+        return self.eig.to_eigenbasis(fx)
 
     def from_eigenbasis(self, x: Array) -> Array:
-        """``V x``."""
-        return matmul(self.v, self.vt, x)
+        return self.eig.from_eigenbasis(x)
 
     def image(self, x: Array) -> Array:
         """``V (sqrt(Lambda) x)``: a scaled eigen-vector as flat outputs."""
@@ -245,7 +242,7 @@ class Rodas5P(EigenbasisSolver):
 
     @staticmethod
     def _outputs(eig: Eigen, x: _Carry) -> FlatState:
-        q = None if x.q is None else matmul(eig.evecs, eig.evecs_t, x.q)
+        q = None if x.q is None else eig.from_eigenbasis(x.q)
         return FlatState(x.f, q, None, None)
 
     def _step(
@@ -261,7 +258,7 @@ class Rodas5P(EigenbasisSolver):
         null = eig.null[:, None]
         sq = jnp.sqrt(jnp.where(null, 0.0, eig.evals[:, None]))
         g, hvp = jax.linearize(dyn.grad_fn, x.f)
-        return _Operator(eig.evecs, eig.evecs_t, sq, hvp), rayleigh_curvature(g, hvp(g)), null
+        return _Operator(eig, sq, hvp), rayleigh_curvature(g, hvp(g)), null
 
     def _step_gd(
         self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float
