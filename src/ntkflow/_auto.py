@@ -67,7 +67,7 @@ from jaxtyping import Array
 
 from ntkflow._axes import outputs_to_2d
 from ntkflow._chebyshev import MAX_WIDTH, Chebyshev, spectral_bound
-from ntkflow._dynamics import Dynamics, FlatState, rayleigh_curvature, rms
+from ntkflow._dynamics import Dynamics, FlatState, rms
 from ntkflow._explicit import Tsit5
 from ntkflow._solvers import AbstractSolver
 from ntkflow._typing import is_concrete
@@ -99,11 +99,9 @@ def largest_eigenvalue(k: Array, iterations: int = 30) -> Array:
     return jnp.vdot(v, k @ v)
 
 
-@eqx.filter_jit
-def stiffness(dynamics: Dynamics, y0: FlatState, tau_max: Array, lam_max: Array) -> Array:
-    """:math:`S = c_0 \\lambda_\\max \\tau_\\max` (see the module docstring)."""
-    g = dynamics.grad_fn(y0.f)
-    c0 = rayleigh_curvature(g, jax.jvp(dynamics.grad_fn, (y0.f,), (g,))[1])
+def stiffness(dynamics: Dynamics, c0: Array, tau_max: Array, lam_max: Array) -> Array:
+    """:math:`S = c_0 \\lambda_\\max \\tau_\\max` (see the module docstring), with
+    ``c0`` the curvature along the initial gradient."""
     rate = c0 * lam_max
     if dynamics.damping is not None:
         rate = jnp.maximum(jnp.abs(dynamics.damping), jnp.sqrt(rate))
@@ -171,11 +169,12 @@ def classify(
     expansion's interval), ``inf`` unless the loss looks quadratic and isotropic."""
     infinite = jnp.any(jnp.isinf(taus))
     tau_max = jnp.max(jnp.where(jnp.isinf(taus), 0.0, taus), initial=0.0)
-    s = stiffness(dynamics, y0, tau_max, lam_max)
+    _, c0 = dynamics.gradient_and_curvature(y0.f)
+    s = stiffness(dynamics, c0, tau_max, lam_max)
     isotropic = isotropic_curvature(dynamics, y0.f)
 
     def width(_: None) -> Array:  # only for isotropic losses: 5 more Hessian products
-        w = s * spectral_bound(dynamics.k) / jnp.maximum(lam_max, jnp.finfo(s.dtype).tiny)
+        w = c0 * tau_max * spectral_bound(dynamics.k)
         return jnp.where(isotropic_quadratic(dynamics, y0.f), w, jnp.inf).astype(s.dtype)
 
     no_width = lambda _: jnp.full((), jnp.inf, s.dtype)

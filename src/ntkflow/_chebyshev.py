@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from ntkflow._dynamics import FlatState, rayleigh_curvature, rms
+from ntkflow._dynamics import FlatState, rms
 from ntkflow._eigen import matmul
 from ntkflow._solvers import AbstractSolver, SolveInfo
 
@@ -99,8 +99,7 @@ class Chebyshev(AbstractSolver):
             raise ValueError("The Chebyshev expansion solves plain gradient descent only.")
         del max_steps
         k, f0 = dynamics.k, y0.f
-        g0 = dynamics.grad_fn(f0)
-        c = rayleigh_curvature(g0, jax.jvp(dynamics.grad_fn, (f0,), (g0,))[1])
+        g0, c = dynamics.gradient_and_curvature(f0)
         bound = spectral_bound(k)
         width = c * jnp.max(taus) * bound
         coef = _coefficients(taus, width, f0.dtype)  # (m, NODES)

@@ -113,6 +113,12 @@ class Dynamics(eqx.Module):
         """``G = dL/dF``."""
         return self.loss.grad(f, self.y)
 
+    def gradient_and_curvature(self, f: Float[Array, "rows traced"]) -> tuple[Array, Array]:
+        """``(G, c)``: the loss gradient at ``f`` and the loss curvature along it (one
+        Hessian-vector product; see :func:`rayleigh_curvature`)."""
+        g = self.grad_fn(f)
+        return g, rayleigh_curvature(g, jax.jvp(self.grad_fn, (f,), (g,))[1])
+
     def loss_fn(self, f: Float[Array, "rows traced"]) -> Array:
         return self.loss.value(f, self.y)
 

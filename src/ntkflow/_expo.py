@@ -42,13 +42,12 @@ from __future__ import annotations
 
 from typing import ClassVar, NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import expm
 from jaxtyping import Array
 
 from ntkflow._adaptive import EigenbasisSolver
-from ntkflow._dynamics import Dynamics, FlatState, rayleigh_curvature, rms
+from ntkflow._dynamics import Dynamics, FlatState, rms
 from ntkflow._eigen import Eigen
 from ntkflow._solvers import SOLVERS
 
@@ -104,8 +103,7 @@ class Expo(EigenbasisSolver):
     ) -> tuple[_Carry, Array]:
         lam = eig.evals[:, None]
         f = eig.from_eigenbasis(x.z)
-        g = dyn.grad_fn(f)
-        c = rayleigh_curvature(g, jax.jvp(dyn.grad_fn, (f,), (g,))[1])
+        g, c = dyn.gradient_and_curvature(f)
         gz = eig.to_eigenbasis(g)
         n0 = -lam * (gz - c * x.z)
         if x.q is None:
