@@ -380,3 +380,25 @@ def test_rodas5p_with_momentum_on_cross_entropy():
         assert rel_err(a, b) < (1e-7 if X64 else 5e-3)
     end = got(None, f0, ft0, k_st)[0]
     assert float(cross_entropy(end, labels)) < 1e-4 * float(cross_entropy(f0, labels))
+
+
+def test_predictive_controller_tracks_a_growing_step():
+    """With a steadily growing step and a steady error, the trend raises the standard
+    proposal by the growth (error back at its target, no lag); capped at 1.25; without a
+    history (first step, after a rejection or a shortened step) it is the standard one."""
+    from ntkflow._adaptive import next_step_size, predictive_step_size
+
+    h, err, p = jnp.asarray(2.0), jnp.asarray(0.3), 5.0
+    standard = next_step_size(h, err, p)
+    growth = 1.1
+    np.testing.assert_allclose(
+        predictive_step_size(h, err, h / growth, err, p), growth * standard, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        predictive_step_size(h, err, h / 3.0, err, p), 1.25 * standard, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        predictive_step_size(h, err, jnp.asarray(0.0), err, p), standard, rtol=1e-6
+    )
+    # An error rising from one step to the next slows the growth below the standard's.
+    assert predictive_step_size(h, err, h, err / 4, p) < standard

