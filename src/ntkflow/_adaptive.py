@@ -180,7 +180,13 @@ class EigenbasisSolver(AbstractSolver):
                 lambda s, v: jnp.where(at_target, s.at[i].set(v), s), saved, x
             )
             h_try = jnp.minimum(h, target - tau)
-            x1, err = self._step(dynamics, eig, x, h_try, rtol, atol)
+            # No step (h_try = 0) on a recording iteration: skipping it saves a whole step's
+            # products (and, for the Rosenbrock method, linear solves that cannot converge).
+            x1, err = jax.lax.cond(
+                at_target,
+                lambda: (x, jnp.zeros((), h.dtype)),
+                lambda: self._step(dynamics, eig, x, h_try, rtol, atol),
+            )
             accept = (err <= 1.0) & ~at_target
             hit = h_try >= target - tau
             new_tau = jnp.where(accept, jnp.where(hit, target, tau + h_try), tau)
