@@ -28,7 +28,8 @@ gradient descent; for momentum, eliminating the velocity stage gives
 :math:`\sigma = 1 - h\gamma d,\ \beta = (h\gamma)^2`). It is solved by
 preconditioned conjugate gradients with the preconditioner :math:`(\sigma I +
 \beta c \Lambda)^{-1}`, diagonal in the eigenbasis, where :math:`c` is the
-loss curvature along the gradient. The preconditioned matrix has its
+mean loss curvature (the Hessian's Rayleigh quotient along a fixed random sign
+vector, about :math:`\operatorname{tr} H / \dim H`). The preconditioned matrix has its
 eigenvalues between :math:`\min(1, h_\min / c)` and :math:`\max(1, h_\max /
 c)` (:math:`h` the extreme eigenvalues of :math:`H`), whatever the stiffness:
 a few iterations, each one Hessian-vector product and two products with the
@@ -254,11 +255,21 @@ class Rodas5P(EigenbasisSolver):
 
     @staticmethod
     def _setup(dyn: Dynamics, eig: Eigen, x: _Carry) -> tuple[_Operator, Array, Array]:
-        """The operator at ``x``, the curvature along the gradient, and the null mask."""
+        """The operator at ``x``, the preconditioner's curvature, and the null mask.
+
+        The curvature is the Hessian's Rayleigh quotient along a fixed random sign
+        vector: about its mean diagonal, ``tr(H) / dim``, the best single number for all
+        eigen-directions at once. (Along the gradient it is biased towards the outputs
+        with the largest gradients, whose curvature is often the smallest, e.g. log-cosh
+        far from the targets: measured at n = 1024, log-cosh, converged horizon, 1,968
+        conjugate-gradient iterations with it against 1,357 with the random direction and
+        1,325 with the exact diagonal of ``V^T H V``.)
+        """
         null = eig.null[:, None]
         sq = jnp.sqrt(jnp.where(null, 0.0, eig.evals[:, None]))
-        g, hvp = jax.linearize(dyn.grad_fn, x.f)
-        return _Operator(eig, sq, hvp), rayleigh_curvature(g, hvp(g)), null
+        _, hvp = jax.linearize(dyn.grad_fn, x.f)
+        probe = jax.random.rademacher(jax.random.PRNGKey(0), x.f.shape, x.f.dtype)
+        return _Operator(eig, sq, hvp), rayleigh_curvature(probe, hvp(probe)), null
 
     def _step_gd(
         self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float
