@@ -402,3 +402,26 @@ def test_predictive_controller_tracks_a_growing_step():
     )
     # An error rising from one step to the next slows the growth below the standard's.
     assert predictive_step_size(h, err, h, err / 4, p) < standard
+
+
+@pytest.mark.parametrize("momentum", [None, -0.1], ids=["gd", "momentum"])
+def test_auto_switches_at_the_measured_break_even_horizon(momentum):
+    """A regression loss gets the Rosenbrock method just above ``S = a n + b`` (the
+    break-even against Tsit5 in ``_auto._STIFF``) and Tsit5 just below it."""
+    from ntkflow._auto import _STIFF, classify
+
+    k_tt, _, y, f0, _ = _stiff_problem(cond=1e4)
+    layout = make_layout(y.shape, (-1,))
+    damping = None if momentum is None else jnp.asarray(momentum, DTYPE)
+    dyn = Dynamics(k_tt, FlatLoss(log_cosh, layout, (y.shape[0],)), y, damping, False)
+    y0 = dyn.initial_state(f0, None)
+    lam = largest_eigenvalue(k_tt)
+    a, b = _STIFF["rodas5p" if momentum is None else "rodas5p, momentum"]
+    break_even = a * k_tt.shape[0] + b
+    tau = jnp.array([1.0])
+    s = float(classify(dyn, y0, tau, lam)[3])
+    if momentum is not None:  # S = tau max(|d|, sqrt(c lam)): linear in tau all the same
+        assert s > abs(momentum)
+    for factor, expected in ((1.2, Rodas5P), (0.8, Tsit5)):
+        taus = tau * factor * break_even / s
+        assert isinstance(choose_solver(dyn, y0, taus, lam), expected)
