@@ -18,7 +18,9 @@ Three properties of a request decide (measured in ``benchmarks/RESULTS.md``):
   For classification losses (cross-entropy) the minimizer is at infinity: the
   softmax saturates, the curvature collapses and the problem loses its
   stiffness, so an explicit method does well and the Rosenbrock method's
-  linear solves become ill-conditioned (measured: 5-10x slower). Not so with
+  linear solves become ill-conditioned (measured, n = 256, converged horizon:
+  0.39 s against Tsit5's 0.20 s in float64; ``t = inf`` in float32: 11 s against
+  1.4 s). Not so with
   momentum: the damping rate :math:`|d|` then stays while the outputs drift ever
   more slowly, a stiff pair for an explicit method (cross-entropy, n = 256,
   momentum 0.9, converged horizon: Tsit5 62,916 steps, 17.6 s; the Rosenbrock
