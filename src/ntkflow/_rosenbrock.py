@@ -268,7 +268,8 @@ class Rodas5P(EigenbasisSolver):
         null = eig.null[:, None]
         sq = jnp.sqrt(jnp.where(null, 0.0, eig.evals[:, None]))
         _, hvp = jax.linearize(dyn.grad_fn, x.f)
-        probe = jax.random.rademacher(jax.random.PRNGKey(0), x.f.shape, x.f.dtype)
+        with jax.ensure_compile_time_eval():  # a constant of the program, not per-step work
+            probe = jax.random.rademacher(jax.random.PRNGKey(0), x.f.shape, x.f.dtype)
         return _Operator(eig, sq, hvp), rayleigh_curvature(probe, hvp(probe)), null
 
     def _step_gd(
