@@ -425,3 +425,22 @@ def test_auto_switches_at_the_measured_break_even_horizon(momentum):
     for factor, expected in ((1.2, Rodas5P), (0.8, Tsit5)):
         taus = tau * factor * break_even / s
         assert isinstance(choose_solver(dyn, y0, taus, lam), expected)
+
+
+@pytest.mark.skipif(not X64, reason="float32 inputs while 64-bit types are enabled")
+@pytest.mark.parametrize("momentum", [None, 0.9], ids=["gd", "momentum"])
+@pytest.mark.parametrize("solver", ["expo", "rodas5p", "tsit5", "dopri5", "auto"])
+def test_float32_inputs_with_64_bit_types_enabled(solver, momentum):
+    """With ``JAX_ENABLE_X64=1``, float32 kernels and outputs are solved in float32 by every
+    strategy (a float64 constant inside a stage once promoted the Rosenbrock stages and made
+    the linearized loss reject them) and agree with the float64 solve to float32 accuracy."""
+    k_tt, k_st, y, f0, ft0 = _stiff_problem(cond=1e3)
+    ts = jnp.array([0.5, 50.0, 5000.0])
+    ref = nt.predict.gradient_descent(log_cosh, k_tt, y, 0.5, momentum, solver="tsit5",
+                                      rtol=1e-11, atol=1e-11)(ts, f0, ft0, k_st)
+    lo = [a.astype(jnp.float32) for a in (k_tt, k_st, y, f0, ft0)]
+    got = nt.predict.gradient_descent(log_cosh, lo[0], lo[2], 0.5, momentum, solver=solver)(
+        ts, lo[3], lo[4], lo[1])
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == jnp.float32
+        assert rel_err(a, b) < 5e-3

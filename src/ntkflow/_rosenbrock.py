@@ -120,9 +120,13 @@ _REJECT = 1e6  # error reported for a step whose linear solve did not converge
 
 
 def _comb(coeffs: np.ndarray, xs: list[Array], scale: float | Array = 1.0) -> Array:
-    """``sum_j coeffs[j] * scale * xs[j]`` over the non-zero coefficients (0.0 if none)."""
+    """``sum_j coeffs[j] * scale * xs[j]`` over the non-zero coefficients (0.0 if none).
+
+    The empty sum is a weakly typed Python zero: a ``jnp.zeros(())`` would be float64
+    with 64-bit types enabled and promote float32 stages to float64.
+    """
     terms = [float(w) * scale * x for w, x in zip(coeffs, xs, strict=False) if w != 0.0]
-    return sum(terms[1:], terms[0]) if terms else jnp.zeros(())
+    return sum(terms[1:], terms[0]) if terms else 0.0  # type: ignore[return-value]
 
 
 class _Carry(NamedTuple):
