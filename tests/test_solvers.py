@@ -35,7 +35,7 @@ def _stiff_problem(n=24, k=3, cond=1e4, n_test=5):
     return full[:n, :n], full[n:, :n], y, f0, ft0
 
 
-@pytest.mark.parametrize("solver", ["expo", "rodas5p", "tsit5", "dopri5", "auto"])
+@pytest.mark.parametrize("solver", ["expo", "rodas5p", "tsit5", "dopri5", "kvaerno5", "auto"])
 def test_mse_every_solver_matches_closed_form(solver):
     k_tt, k_st, y, f0, ft0 = _stiff_problem(cond=1e2)
     ts = jnp.array([0.0, 3.0, 30.0, 300.0])
@@ -481,3 +481,16 @@ def test_end_of_training_error_control_stops_at_the_gradient_round_off(monkeypat
         assert int(info.num_steps) == int(info_plain.num_steps)
     else:
         assert int(info.num_steps) < 0.2 * int(info_plain.num_steps)
+
+
+@pytest.mark.parametrize("t", [1.0, 3.0])
+def test_kvaerno5_newton_iterations_converge_in_the_working_precision(t):
+    """Kvaerno5's chord iterations stop at diffrax's ``kappa = 1e-2`` times their tolerance:
+    below float32's round-off at the default tolerances, which rejected every step (log-cosh,
+    one training and one test point, t = 1: ``max_steps``). Against a tight explicit solve."""
+    k, y, f0, kt, ft0 = (jnp.array([[v]], DTYPE) for v in (2.0, 1.0, 0.0, 1.0, 0.5))
+    got = nt.predict.gradient_descent(log_cosh, k, y, solver="kvaerno5")(t, f0, ft0, kt)
+    tight = dict(rtol=1e-12, atol=1e-12) if X64 else {}
+    ref = nt.predict.gradient_descent(log_cosh, k, y, solver="tsit5", **tight)(t, f0, ft0, kt)
+    for a, b in zip(got, ref, strict=True):
+        assert rel_err(a, b) < (1e-7 if X64 else 2e-5)

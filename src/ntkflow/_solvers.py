@@ -15,12 +15,13 @@ classes. ``"auto"`` is resolved by :func:`ntkflow._auto.choose_solver`.
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ntkflow._dynamics import Dynamics, FlatState, rms
@@ -212,6 +213,11 @@ class DiffraxSolver(AbstractSolver):
     def diffrax_solver(self) -> dfx.AbstractSolver:
         """The diffrax solver instance."""
 
+    def _configured(self, rtol: float, atol: float, dtype: Any) -> dfx.AbstractSolver:
+        """The diffrax solver for a solve at these tolerances and this float type."""
+        del rtol, atol, dtype
+        return self.diffrax_solver()
+
     def _solve(
         self,
         dynamics: Dynamics,
@@ -226,7 +232,7 @@ class DiffraxSolver(AbstractSolver):
     ) -> dfx.Solution:
         return dfx.diffeqsolve(
             dfx.ODETerm(dynamics.vector_field),  # type: ignore[arg-type]
-            self.diffrax_solver(),
+            self._configured(rtol, atol, y0.f.dtype),
             t0,
             t1,
             None,
@@ -291,6 +297,21 @@ class Kvaerno5(DiffraxSolver):
 
     def diffrax_solver(self) -> dfx.AbstractSolver:
         return dfx.Kvaerno5()
+
+    def _configured(self, rtol: float, atol: float, dtype: Any) -> dfx.AbstractSolver:
+        """Kvaerno5 whose Newton (chord) iterations can converge in this precision.
+
+        diffrax's chord iteration stops when its update, scaled by the tolerances, is below
+        ``kappa = 1e-2``: with float32's default ``rtol = atol = 1e-6`` that asks for
+        updates of 1e-8, under float32's round-off, so stages never converged, every step
+        was rejected and the solve ran into ``max_steps`` (e.g. log-cosh, one training
+        and one test point, t = 1). The chord tolerances are therefore at least ``1000 eps``
+        (1.2e-4 in float32, so updates of 1.2e-6; unchanged in float64); the step's own
+        error estimate still controls the solution's accuracy.
+        """
+        floor = 1e3 * float(np.finfo(dtype).eps)
+        root = dfx.VeryChord(rtol=max(rtol, floor), atol=max(atol, floor))
+        return dfx.Kvaerno5(root_finder=root)
 
 
 SOLVERS: dict[str, type[AbstractSolver]] = {
