@@ -160,6 +160,19 @@ def test_ode_state_resume_continues_trajectory():
         nt.predict.gradient_descent(log_cosh, k_tt, y)(1.0, s1, k_test_train=k_st)
 
 
+@pytest.mark.parametrize("momentum", [None, 0.9], ids=["gd", "momentum"])
+@pytest.mark.parametrize("t", [2.0, [0.5, 2.0]], ids=["scalar", "list"])
+def test_jit_over_the_outputs_with_python_times(t, momentum):
+    """``jax.jit(lambda f: predict(t, f))`` with ``t`` a Python number or list (concrete while
+    the outputs are traced): once a ``TracerBoolConversionError`` without momentum."""
+    k_tt, k_st, y, f0, ft0 = _problem()
+    predict = nt.predict.gradient_descent(log_cosh, k_tt, y, 0.5, momentum)
+    eager = predict(t, f0, ft0, k_st)
+    jitted = jax.jit(lambda f, ft: predict(t, f, ft, k_st))(f0, ft0)
+    for a, b in zip(eager, jitted, strict=True):
+        np.testing.assert_allclose(a, b, rtol=10 * TOL["rtol"], atol=10 * TOL["atol"])
+
+
 def test_jit_grad_vmap():
     k_tt, k_st, y, f0, ft0 = _problem()
     predict = nt.predict.gradient_descent(log_cosh, k_tt, y, 1.0)

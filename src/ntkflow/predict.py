@@ -659,7 +659,7 @@ def gradient_descent(
                 qt0 = None if qx_test_0 is None else b.to_flat(qx_test_0, test_rows, "qx_test")
                 qt0 = _checks.check_finite(qt0, "qx_test")
                 kt = _checks.check_finite(b.flat_kernel(k_test_train), "k_test_train")
-            infinite = bool(jnp.any(jnp.isinf(tau))) if is_concrete(tau) else None
+            infinite = bool(np.any(np.isinf(np.asarray(tau)))) if is_concrete(tau) else None
         dyn = Dynamics(b.k.astype(f0.dtype), flat_loss, b.y, damping, with_test, eigen)
         if y0 is None:
             y0 = dyn.initial_state(f0, q0)
