@@ -494,3 +494,20 @@ def test_kvaerno5_newton_iterations_converge_in_the_working_precision(t):
     ref = nt.predict.gradient_descent(log_cosh, k, y, solver="tsit5", **tight)(t, f0, ft0, kt)
     for a, b in zip(got, ref, strict=True):
         assert rel_err(a, b) < (1e-7 if X64 else 2e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("solver", ["tsit5", "dopri5"])
+def test_explicit_solvers_reach_the_end_of_training_with_momentum(solver, jit):
+    """With momentum the outputs oscillate about the limit; an explicit method's steps grow
+    to the edge of its stability region, where the oscillation stalls at several times the
+    step tolerance: at t = inf the solve once ran into ``max_steps`` (eagerly, and under
+    ``jit``, where ``auto`` uses Tsit5). The end-of-training steps now run at a 20th of the
+    tolerance. Against the closed form's limit."""
+    k_tt, _, y, f0, _ = _stiff_problem(n=10, k=3, cond=1e1)
+    predict = nt.predict.gradient_descent(mse, k_tt, y, 0.5, 0.9, solver=solver)
+    run = (lambda f: predict(jnp.array([2.0, jnp.inf]), f)[1]) if jit else (
+        lambda f: predict(None, f))
+    got = jax.jit(run)(f0) if jit else run(f0)
+    limit = nt.predict.gradient_descent_mse(k_tt, y, 0.5)(None, f0)
+    assert rel_err(got, limit) < (1e-6 if X64 else 2e-4)

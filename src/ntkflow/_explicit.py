@@ -33,7 +33,14 @@ from jaxtyping import Array, Float
 from ntkflow._adaptive import next_step_size
 from ntkflow._dynamics import Dynamics, FlatState
 from ntkflow._eigen import Eigen
-from ntkflow._solvers import SOLVERS, DiffraxSolver, SolveInfo, converged, projected_gradient
+from ntkflow._solvers import (
+    SOLVERS,
+    DiffraxSolver,
+    SolveInfo,
+    converged,
+    explicit_end_tolerances,
+    projected_gradient,
+)
 
 __all__ = ["Tsit5", "integrate", "converge"]
 
@@ -238,7 +245,8 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
         return converged(dyn, eigen, y, loss0, curvature0, rtol, atol)
 
     k0 = dyn.vector_field(tau0, y0)
-    h0 = _initial_h(dyn, y0, k0, rtol, atol)
+    step_rtol, step_atol = explicit_end_tolerances(dyn, rtol, atol)
+    h0 = _initial_h(dyn, y0, k0, step_rtol, step_atol)
     noise = _roundoff(dyn, y0)
 
     def cond(c: tuple) -> Array:
@@ -247,7 +255,7 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
 
     def body(c: tuple) -> tuple:
         tau, y, k, h, n, _, ok = c
-        y1, ks, err = _step(dyn, y, k, h, rtol, atol, noise)
+        y1, ks, err = _step(dyn, y, k, h, step_rtol, step_atol, noise)
         accept = err <= 1.0
         y = _select(accept, y1, y)
         done = jax.lax.cond(accept, lambda: is_done(y), lambda: jnp.zeros((), bool))
