@@ -224,6 +224,9 @@ class DiffraxSolver(AbstractSolver):
     """Base for solvers that delegate to a :mod:`diffrax` solver with PID control."""
 
     stiff: ClassVar[bool] = False
+    #: Whether steps land on every output time (for a method whose dense output is of
+    #: lower order than its steps); otherwise outputs are interpolated.
+    steps_to_outputs: ClassVar[bool] = False
 
     @abc.abstractmethod
     def diffrax_solver(self) -> dfx.AbstractSolver:
@@ -245,7 +248,11 @@ class DiffraxSolver(AbstractSolver):
         atol: float,
         max_steps: int,
         event: dfx.Event | None = None,
+        step_ts: Array | None = None,
     ) -> dfx.Solution:
+        controller: dfx.AbstractStepSizeController = dfx.PIDController(rtol=rtol, atol=atol)
+        if step_ts is not None:
+            controller = dfx.ClipStepSizeController(controller, step_ts=step_ts)
         return dfx.diffeqsolve(
             dfx.ODETerm(dynamics.vector_field),  # type: ignore[arg-type]
             self._configured(rtol, atol, y0.f.dtype),
@@ -254,7 +261,7 @@ class DiffraxSolver(AbstractSolver):
             None,
             y0,
             saveat=saveat,
-            stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
+            stepsize_controller=controller,
             max_steps=max_steps,
             event=event,
             throw=False,
@@ -263,7 +270,9 @@ class DiffraxSolver(AbstractSolver):
     def integrate(self, dynamics, y0, taus, *, rtol, atol, max_steps):
         t0 = jnp.zeros((), taus.dtype)
         t1 = jnp.maximum(taus[-1], t0)
-        sol = self._solve(dynamics, y0, t0, t1, dfx.SaveAt(ts=taus), rtol, atol, max_steps)
+        step_ts = taus if self.steps_to_outputs else None
+        sol = self._solve(dynamics, y0, t0, t1, dfx.SaveAt(ts=taus), rtol, atol, max_steps,
+                          step_ts=step_ts)
         ys = sol.ys
         assert isinstance(ys, FlatState)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(ys)]))
@@ -311,6 +320,9 @@ class Kvaerno5(DiffraxSolver):
 
     name: ClassVar[str] = "kvaerno5"
     stiff: ClassVar[bool] = True
+    # diffrax interpolates its steps with a cubic Hermite polynomial: MSE, t = [0, 2, 50],
+    # relative error 1.5e-6 at t = 2 (6.7e-10 when t = 2 ends a solve) at rtol 1.4e-8.
+    steps_to_outputs: ClassVar[bool] = True
 
     def diffrax_solver(self) -> dfx.AbstractSolver:
         return dfx.Kvaerno5()
