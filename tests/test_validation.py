@@ -127,6 +127,12 @@ def test_diag_reg_can_make_an_indefinite_kernel_acceptable():
     [
         BAD(dict(loss="mse"), TypeError, "`loss`", id="loss-not-callable"),
         BAD(dict(loss=lambda fx, y: (fx - y) ** 2), ValueError, "`loss", id="loss-not-scalar"),
+        BAD(dict(loss=lambda fx: jnp.sum(fx**2)), TypeError, "`loss` must be a function",
+            id="loss-one-argument"),
+        BAD(dict(loss=lambda fx, y: jnp.sum(fx > y)), ValueError, "real floating-point",
+            id="loss-integer"),
+        BAD(dict(loss=lambda fx, y: jnp.sum(fx - y).astype(jnp.complex64)), ValueError,
+            "real floating-point", id="loss-complex"),
         BAD(dict(momentum=1.0), ValueError, "`momentum`", id="momentum-one"),
         BAD(dict(momentum=-0.1), ValueError, "`momentum`", id="momentum-negative"),
         BAD(dict(momentum=np.nan), ValueError, "`momentum`", id="momentum-nan"),

@@ -233,11 +233,17 @@ def check_loss(loss: Any) -> None:
 
 
 def check_scalar_loss(value: Any) -> None:
-    """The loss must return a scalar."""
+    """The loss must return a real floating-point scalar (its gradient drives training)."""
     shape = getattr(value, "shape", ())
     if shape != ():
         raise ValueError(
             f"`loss(fx_train, y_train)` must return a scalar; got a value of shape {shape}."
+        )
+    dtype = np.dtype(getattr(value, "dtype", np.asarray(value).dtype))
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            "`loss(fx_train, y_train)` must return a real floating-point scalar (training "
+            f"follows its gradient); got a scalar of dtype {dtype}."
         )
 
 

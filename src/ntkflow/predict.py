@@ -595,7 +595,15 @@ def gradient_descent(
     max_steps = _checks.check_max_steps(max_steps)
 
     flat_loss = b.flat_loss(loss)
-    _checks.check_scalar_loss(_loss_shape(flat_loss, outputs_to_2d(b.y, b.layout), b.y))
+    y_2d = outputs_to_2d(b.y, b.layout)
+    try:
+        loss_value = _loss_shape(flat_loss, y_2d, b.y)
+    except TypeError as e:
+        raise TypeError(
+            "`loss` must be a function `loss(fx_train, y_train) -> scalar` of the outputs and "
+            f"targets (arrays of shape {tuple(b.y.shape)}); calling it raised TypeError: {e}"
+        ) from e
+    _checks.check_scalar_loss(loss_value)
     if momentum is None:
         scale: Any = learning_rate
         damping = None
