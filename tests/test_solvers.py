@@ -524,3 +524,35 @@ def test_kvaerno5_lands_on_every_output_time():
     for a, b in zip(got, exact, strict=True):
         for i in range(len(ts)):
             assert rel_err(a[i], b[i]) < (1e-7 if X64 else 2e-5), float(ts[i])
+
+
+@pytest.mark.parametrize("solver", ["expo", "rodas5p"])
+def test_eigenbasis_solvers_under_vmap_over_times(solver):
+    """``jax.vmap`` over traced times, one of them infinite: once the batched end-of-training
+    branch broadcast the eigenvectors into the batch and crashed XLA's CPU compiler
+    (rodas5p). Against the same times in one call."""
+    k_tt, _, y, f0, _ = _stiff_problem(n=8, k=3, cond=1e2)
+    predict = nt.predict.gradient_descent(log_cosh, k_tt, y, solver=solver)
+    ts = jnp.array([1.0, 30.0, jnp.inf])
+    got = jax.vmap(lambda t: predict(t, f0))(ts)
+    want = predict(ts, f0)
+    assert rel_err(got, want) < (1e-6 if X64 else 1e-3)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9], ids=["gd", "momentum"])
+@pytest.mark.parametrize("solver", ["expo", "rodas5p"])
+def test_eigenbasis_solvers_forward_mode_derivatives(solver, momentum):
+    """``jax.jvp`` with respect to the initial outputs, from zero outputs: once NaN (the step
+    size controller was differentiated, through the error norm's square root at 0). For the
+    MSE the outputs are affine in them: the derivative is the flow itself, against ``expm``."""
+    k_tt, _, y, _, _ = _stiff_problem(n=8, k=3, cond=1e2)
+    f0 = jnp.zeros_like(y)
+    v = jnp.linspace(-1.0, 1.0, y.size, dtype=DTYPE).reshape(y.shape)
+    predict = nt.predict.gradient_descent(mse, k_tt, y, 1.0, momentum, solver=solver)
+    t = 5.0
+    tangent = jax.jvp(lambda f: predict(t, f), (f0,), (v,))[1]
+    assert bool(jnp.all(jnp.isfinite(tangent)))
+    exact = nt.predict.gradient_descent_mse(k_tt, 0.0 * y)(t, v) if momentum is None else (
+        nt.predict.gradient_descent(mse, k_tt, 0.0 * y, 1.0, momentum, solver="tsit5",
+                                    **(dict(rtol=1e-12, atol=1e-12) if X64 else {}))(t, v))
+    assert rel_err(tangent, exact) < (1e-6 if X64 else 1e-3)

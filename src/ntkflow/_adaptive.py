@@ -164,7 +164,7 @@ class EigenbasisSolver(AbstractSolver):
         x0 = self._start(dynamics, eig, y0)
         m = taus.shape[0]
         saved = jax.tree.map(lambda a: jnp.zeros((m,) + a.shape, a.dtype), x0)
-        h0 = self._initial_h(dynamics, y0, rtol, atol)
+        h0 = jax.lax.stop_gradient(self._initial_h(dynamics, y0, rtol, atol))
         tau0 = jnp.zeros((), taus.dtype)
 
         def cond(c):
@@ -187,6 +187,10 @@ class EigenbasisSolver(AbstractSolver):
                 lambda: (x, jnp.zeros((), h.dtype)),
                 lambda: self._step(dynamics, eig, x, h_try, rtol, atol),
             )
+            # Step sizes are not differentiated (as in diffrax): forward-mode derivatives are
+            # those of the scheme with its steps fixed, and an error norm's derivative at 0
+            # (sqrt at 0) does not leak NaN into them.
+            err = jax.lax.stop_gradient(err)
             accept = (err <= 1.0) & ~at_target
             hit = h_try >= target - tau
             new_tau = jnp.where(accept, jnp.where(hit, target, tau + h_try), tau)
@@ -211,13 +215,13 @@ class EigenbasisSolver(AbstractSolver):
         code = jnp.where(done, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)
         return ys, SolveInfo(done, tau, n, jnp.asarray(-1), code)
 
-    def converge(self, dynamics, y0, tau0, eigen, *, rtol, atol, max_steps):
+    def converge(self, dynamics, y0, tau0, eigen, *, rtol, atol, max_steps, active=None):
         eig = self._eigen(dynamics)
         # Continue from y0 at tau0; the gradient integrals restart from y0's.
         x0 = self._start(dynamics, eig, y0)
         loss0 = dynamics.loss_fn(y0.f)
         _, curvature0 = projected_gradient(dynamics, eigen, y0.f)
-        h0 = self._initial_h(dynamics, y0, rtol, atol)
+        h0 = jax.lax.stop_gradient(self._initial_h(dynamics, y0, rtol, atol))
 
         def is_done(x):
             return converged(
@@ -231,6 +235,7 @@ class EigenbasisSolver(AbstractSolver):
         def body(c):
             tau, x, h, n, done, ok, hist = c
             x1, err = self._step(dynamics, eig, x, h, rtol, atol)
+            err = jax.lax.stop_gradient(err)  # see integrate
             accept = err <= 1.0
             tau = jnp.where(accept, tau + h, tau)
             x = jax.tree.map(lambda a, b: jnp.where(accept, a, b), x1, x)
@@ -240,7 +245,8 @@ class EigenbasisSolver(AbstractSolver):
             return (tau, x, h_next, n + 1, done, ok & jnp.isfinite(err), hist)
 
         no_history = (jnp.zeros_like(h0), jnp.zeros_like(h0))
-        init = (jnp.zeros_like(tau0), x0, h0, jnp.zeros((), jnp.int32), is_done(x0),
+        done0 = is_done(x0) if active is None else is_done(x0) | ~active
+        init = (jnp.zeros_like(tau0), x0, h0, jnp.zeros((), jnp.int32), done0,
                 jnp.ones((), bool), no_history)
         tau, x, _, n, done, ok, _ = jax.lax.while_loop(cond, body, init)
         code = jnp.where(done, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)

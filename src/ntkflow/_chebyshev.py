@@ -147,9 +147,9 @@ class Chebyshev(AbstractSolver):
         products = jnp.asarray(degree + 1, jnp.asarray(0).dtype)  # as the eigenbasis solvers'
         return ys, SolveInfo(ok, tau_end, degree, products, code)
 
-    def converge(self, dynamics, y0, tau0, eigen, *, rtol, atol, max_steps):
+    def converge(self, dynamics, y0, tau0, eigen, *, rtol, atol, max_steps, active=None):
         from ntkflow._expo import Expo
 
         return Expo().converge(
-            dynamics, y0, tau0, eigen, rtol=rtol, atol=atol, max_steps=max_steps
+            dynamics, y0, tau0, eigen, rtol=rtol, atol=atol, max_steps=max_steps, active=active
         )

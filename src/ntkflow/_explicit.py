@@ -236,7 +236,8 @@ def integrate(dyn: Dynamics, y0: FlatState, taus: Float[Array, " m"], *, rtol: f
 
 
 def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: float,
-             atol: float, max_steps: int) -> tuple[FlatState, SolveInfo]:
+             atol: float, max_steps: int, active: Array | None = None
+             ) -> tuple[FlatState, SolveInfo]:
     """Steps from ``y0`` (at ``tau0``) until ``is_done`` (see ``_solvers.converged``)."""
     loss0 = dyn.loss_fn(y0.f)
     _, curvature0 = projected_gradient(dyn, eigen, y0.f)
@@ -262,7 +263,8 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
         return (jnp.where(accept, tau + h, tau), y, _select(accept, ks[-1], k),
                 _next_h(h, err, accept), n + 1, done, ok & jnp.isfinite(err))
 
-    init = (tau0, y0, k0, h0, jnp.zeros((), jnp.int32), is_done(y0), jnp.ones((), bool))
+    done0 = is_done(y0) if active is None else is_done(y0) | ~active
+    init = (tau0, y0, k0, h0, jnp.zeros((), jnp.int32), done0, jnp.ones((), bool))
     tau, y, _, _, n, done, ok = jax.lax.while_loop(cond, body, init)
     code = jnp.where(done, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)
     return y, SolveInfo(done, tau, n, 6 * n + 2, code)
@@ -296,11 +298,12 @@ class Tsit5(DiffraxSolver):
                                      max_steps=max_steps)
         return integrate(dynamics, y0, taus, rtol=rtol, atol=atol, max_steps=max_steps)
 
-    def converge(self, dynamics, y0, tau0, eigen, *, rtol, atol, max_steps):
+    def converge(self, dynamics, y0, tau0, eigen, *, rtol, atol, max_steps, active=None):
         if self.differentiable:
             return super().converge(dynamics, y0, tau0, eigen, rtol=rtol, atol=atol,
-                                    max_steps=max_steps)
-        return converge(dynamics, y0, tau0, eigen, rtol=rtol, atol=atol, max_steps=max_steps)
+                                    max_steps=max_steps, active=active)
+        return converge(dynamics, y0, tau0, eigen, rtol=rtol, atol=atol, max_steps=max_steps,
+                        active=active)
 
 
 SOLVERS[Tsit5.name] = Tsit5

@@ -53,7 +53,7 @@ def solve_at(
         dynamics, y0, finite_taus, rtol=rtol, atol=atol, max_steps=max_steps
     )
 
-    def to_end(_: None) -> tuple[FlatState, SolveInfo]:
+    def to_end(_: None, active: Array | None = None) -> tuple[FlatState, SolveInfo]:
         y_last = jax.tree.map(lambda x: x[-1], ys)
         eigen = dynamics.eigen if dynamics.eigen is not None else Eigen.of(dynamics.k)
         return solver.converge(
@@ -64,13 +64,23 @@ def solve_at(
             rtol=rtol,
             atol=atol,
             max_steps=max_steps,
+            active=active,
         )
 
     def skip(_: None) -> tuple[FlatState, SolveInfo]:
         y_last = jax.tree.map(lambda x: x[-1], ys)
         return y_last, info
 
-    if infinite is None:
+    if infinite is None and dynamics.eigen is not None:
+        # Not a lax.cond: under jax.vmap over traced times its predicate is batched, and the
+        # batched cond broadcasts every operand, the kernel's eigenvectors included, into the
+        # batch (for the Rosenbrock method that crashed XLA's CPU compiler). The solve is
+        # switched off from the inside instead (no steps when no time is infinite).
+        any_inf = jnp.any(is_inf)
+        y_inf, info_inf = jax.tree.map(
+            lambda a, b: jnp.where(any_inf, a, b), to_end(None, any_inf), skip(None)
+        )
+    elif infinite is None:  # (the eigendecomposition, if needed, only when used)
         y_inf, info_inf = jax.lax.cond(jnp.any(is_inf), to_end, skip, None)
     else:
         y_inf, info_inf = to_end(None) if infinite else skip(None)

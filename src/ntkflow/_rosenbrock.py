@@ -191,17 +191,24 @@ def _pcg(
     """
     x, img, mx, r = jnp.zeros_like(rhs), jnp.zeros_like(rhs), jnp.zeros_like(rhs), rhs
     if previous:
-        xs = jnp.stack([s.x for s in previous])
-        axs = jnp.stack([sigma * s.x + beta * op.sq * s.mx for s in previous])
-        gram = jnp.einsum("i...,j...->ij", xs, axs)
-        w, u = jnp.linalg.eigh(0.5 * (gram + gram.T))
-        keep = w > 1e-12 * jnp.max(jnp.abs(w))
-        proj = u.T @ jnp.einsum("i...,...->i", xs, rhs)
-        coef = u @ (jnp.where(keep, 1.0 / jnp.where(keep, w, 1.0), 0.0) * proj)
-        x = jnp.tensordot(coef, xs, axes=1)
-        img = jnp.tensordot(coef, jnp.stack([s.img for s in previous]), axes=1)
-        mx = jnp.tensordot(coef, jnp.stack([s.mx for s in previous]), axes=1)
-        r = rhs - jnp.tensordot(coef, axs, axes=1)
+        xs = [s.x for s in previous]
+        axs = [sigma * s.x + beta * op.sq * s.mx for s in previous]
+        m = len(previous)
+        # Small Gram system, entry by entry (no batched dot products: under jax.vmap those
+        # once crashed XLA's CPU compiler). Tikhonov-regularized rather than an eigenvalue
+        # cut-off: same guess, and derivatives (jax.jvp) stay finite when earlier stage
+        # solutions are linearly dependent (an eigh's derivative divides by eigenvalue gaps).
+        gram = jnp.stack([jnp.stack([jnp.vdot(xs[i], axs[j]) for j in range(m)])
+                          for i in range(m)])
+        gram = 0.5 * (gram + gram.T)
+        reg = 100 * jnp.finfo(rhs.dtype).eps * jnp.max(jnp.abs(jnp.diagonal(gram)))
+        reg = reg + jnp.finfo(rhs.dtype).tiny
+        proj = jnp.stack([jnp.vdot(xi, rhs) for xi in xs])
+        coef = jnp.linalg.solve(gram + reg * jnp.eye(m, dtype=gram.dtype), proj)
+        x = sum(coef[i] * xs[i] for i in range(m))
+        img = sum(coef[i] * previous[i].img for i in range(m))
+        mx = sum(coef[i] * previous[i].mx for i in range(m))
+        r = rhs - sum(coef[i] * axs[i] for i in range(m))
     pr = pinv * r
     rz = jnp.vdot(r, pr)
     # Round-off floor: the residual cannot drop much below eps times the right-hand side.

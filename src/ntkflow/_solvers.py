@@ -200,11 +200,13 @@ class AbstractSolver(eqx.Module):
         rtol: float,
         atol: float,
         max_steps: int,
+        active: Array | None = None,
     ) -> tuple[FlatState, SolveInfo]:
         """The converged state (see :func:`converged`), starting at ``tau0``.
 
         ``eigen`` is the eigendecomposition of ``dynamics.k``, used by the
-        convergence criterion.
+        convergence criterion. ``active``: a boolean scalar; where false, the solve
+        stops at once (its result is then unused; see :func:`ntkflow._ode.solve_at`).
         """
 
 
@@ -280,13 +282,14 @@ class DiffraxSolver(AbstractSolver):
         info = info._replace(code=jnp.where(finite | ~info.ok, info.code, 2).astype(jnp.int32))
         return ys, info._replace(ok=info.ok & finite)
 
-    def converge(self, dynamics, y0, tau0, eigen, *, rtol, atol, max_steps):
+    def converge(self, dynamics, y0, tau0, eigen, *, rtol, atol, max_steps, active=None):
         loss0 = dynamics.loss_fn(y0.f)
         _, curvature0 = projected_gradient(dynamics, eigen, y0.f)
+        inactive = jnp.zeros((), bool) if active is None else ~active
 
         def cond_fn(t, y, args, **kwargs):
             del args, kwargs
-            return converged(dynamics, eigen, y, loss0, curvature0, rtol, atol)
+            return converged(dynamics, eigen, y, loss0, curvature0, rtol, atol) | inactive
 
         step_rtol, step_atol = explicit_end_tolerances(dynamics, rtol, atol)
         sol = self._solve(

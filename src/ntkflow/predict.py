@@ -542,8 +542,10 @@ def gradient_descent(
         problems) or a solver instance. ``"auto"`` picks a Chebyshev expansion
         of the exact solution for the MSE at short horizons; for stiff requests
         and ``t = inf``, ``"expo"`` (isotropic loss curvature, e.g. MSE) or
-        ``"rodas5p"`` (other regression losses), and ``"tsit5"`` otherwise;
-        see :mod:`ntkflow._auto`.
+        ``"rodas5p"`` (other regression losses), and ``"tsit5"`` otherwise
+        (always under JAX transformations); see :mod:`ntkflow._auto`. ``"expo"``
+        and ``"rodas5p"`` are not reverse-mode differentiable (``jax.grad``:
+        use ``"auto"`` or ``"tsit5"``).
       rtol, atol: keyword-only tolerances of the adaptive solver (default
         ``1.4e-8`` in float64, as neural-tangents; ``1e-6`` in float32).
       max_steps: keyword-only; the solver gives up (with an error) after this
