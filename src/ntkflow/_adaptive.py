@@ -96,8 +96,14 @@ class EigenbasisSolver(AbstractSolver):
 
     def _next_h(self, h: Array, err: Array, history: tuple[Array, Array]) -> Array:
         """The next step size after a step ``h`` with error ``err``; ``history``: the
-        previous full accepted step and its error (``h = 0``: none)."""
+        previous full accepted step and its error (``h = 0``: none).
+
+        Errors are not differentiated (as in diffrax): forward-mode derivatives are those
+        of the scheme with its steps fixed, and an error norm's derivative at 0 (``sqrt``
+        at 0) does not leak NaN into them.
+        """
         h_prev, err_prev = history
+        err, err_prev = jax.lax.stop_gradient((err, err_prev))
         ok = err <= 1.0
         return predictive_step_size(
             h, err, jnp.where(ok, h_prev, 0.0), err_prev, self.error_exponent
@@ -112,7 +118,9 @@ class EigenbasisSolver(AbstractSolver):
             assert dyn.damping is not None
             d1 = rms(jnp.stack([y0.q, -kg + dyn.damping * y0.q]))
             scale = atol + rtol * rms(jnp.stack([y0.f, y0.q]))
-        return jnp.where(d1 > 0, 0.01 * scale / jnp.where(d1 > 0, d1, 1), 1.0)
+        # Not differentiated (see _next_h).
+        return jax.lax.stop_gradient(
+            jnp.where(d1 > 0, 0.01 * scale / jnp.where(d1 > 0, d1, 1), 1.0))
 
     @staticmethod
     def _eigen(dyn: Dynamics) -> Eigen:
@@ -164,7 +172,7 @@ class EigenbasisSolver(AbstractSolver):
         x0 = self._start(dynamics, eig, y0)
         m = taus.shape[0]
         saved = jax.tree.map(lambda a: jnp.zeros((m,) + a.shape, a.dtype), x0)
-        h0 = jax.lax.stop_gradient(self._initial_h(dynamics, y0, rtol, atol))
+        h0 = self._initial_h(dynamics, y0, rtol, atol)
         tau0 = jnp.zeros((), taus.dtype)
 
         def cond(c):
@@ -187,10 +195,6 @@ class EigenbasisSolver(AbstractSolver):
                 lambda: (x, jnp.zeros((), h.dtype)),
                 lambda: self._step(dynamics, eig, x, h_try, rtol, atol),
             )
-            # Step sizes are not differentiated (as in diffrax): forward-mode derivatives are
-            # those of the scheme with its steps fixed, and an error norm's derivative at 0
-            # (sqrt at 0) does not leak NaN into them.
-            err = jax.lax.stop_gradient(err)
             accept = (err <= 1.0) & ~at_target
             hit = h_try >= target - tau
             new_tau = jnp.where(accept, jnp.where(hit, target, tau + h_try), tau)
@@ -221,7 +225,7 @@ class EigenbasisSolver(AbstractSolver):
         x0 = self._start(dynamics, eig, y0)
         loss0 = dynamics.loss_fn(y0.f)
         _, curvature0 = projected_gradient(dynamics, eigen, y0.f)
-        h0 = jax.lax.stop_gradient(self._initial_h(dynamics, y0, rtol, atol))
+        h0 = self._initial_h(dynamics, y0, rtol, atol)
 
         def is_done(x):
             return converged(
@@ -235,7 +239,6 @@ class EigenbasisSolver(AbstractSolver):
         def body(c):
             tau, x, h, n, done, ok, hist = c
             x1, err = self._step(dynamics, eig, x, h, rtol, atol)
-            err = jax.lax.stop_gradient(err)  # see integrate
             accept = err <= 1.0
             tau = jnp.where(accept, tau + h, tau)
             x = jax.tree.map(lambda a, b: jnp.where(accept, a, b), x1, x)

@@ -22,7 +22,7 @@ for concrete inputs only and diffrax's under JAX transformations.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import diffrax as dfx
 import equinox as eqx
@@ -286,7 +286,8 @@ class Tsit5(DiffraxSolver):
     name: ClassVar[str] = "tsit5"
     differentiable: bool = eqx.field(default=True, static=True)
 
-    def diffrax_solver(self) -> dfx.AbstractSolver:
+    def diffrax_solver(self, rtol: float, atol: float, dtype: Any) -> dfx.AbstractSolver:
+        del rtol, atol, dtype
         return dfx.Tsit5()
 
     def for_concrete_inputs(self) -> Tsit5:

@@ -231,13 +231,8 @@ class DiffraxSolver(AbstractSolver):
     steps_to_outputs: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def diffrax_solver(self) -> dfx.AbstractSolver:
-        """The diffrax solver instance."""
-
-    def _configured(self, rtol: float, atol: float, dtype: Any) -> dfx.AbstractSolver:
-        """The diffrax solver for a solve at these tolerances and this float type."""
-        del rtol, atol, dtype
-        return self.diffrax_solver()
+    def diffrax_solver(self, rtol: float, atol: float, dtype: Any) -> dfx.AbstractSolver:
+        """The diffrax solver instance for a solve at these tolerances and float type."""
 
     def _solve(
         self,
@@ -257,7 +252,7 @@ class DiffraxSolver(AbstractSolver):
             controller = dfx.ClipStepSizeController(controller, step_ts=step_ts)
         return dfx.diffeqsolve(
             dfx.ODETerm(dynamics.vector_field),  # type: ignore[arg-type]
-            self._configured(rtol, atol, y0.f.dtype),
+            self.diffrax_solver(rtol, atol, y0.f.dtype),
             t0,
             t1,
             None,
@@ -314,7 +309,8 @@ class Dopri5(DiffraxSolver):
 
     name: ClassVar[str] = "dopri5"
 
-    def diffrax_solver(self) -> dfx.AbstractSolver:
+    def diffrax_solver(self, rtol: float, atol: float, dtype: Any) -> dfx.AbstractSolver:
+        del rtol, atol, dtype
         return dfx.Dopri5()
 
 
@@ -327,10 +323,7 @@ class Kvaerno5(DiffraxSolver):
     # relative error 1.5e-6 at t = 2 (6.7e-10 when t = 2 ends a solve) at rtol 1.4e-8.
     steps_to_outputs: ClassVar[bool] = True
 
-    def diffrax_solver(self) -> dfx.AbstractSolver:
-        return dfx.Kvaerno5()
-
-    def _configured(self, rtol: float, atol: float, dtype: Any) -> dfx.AbstractSolver:
+    def diffrax_solver(self, rtol: float, atol: float, dtype: Any) -> dfx.AbstractSolver:
         """Kvaerno5 whose Newton (chord) iterations can converge in this precision.
 
         diffrax's chord iteration stops when its update, scaled by the tolerances, is below
