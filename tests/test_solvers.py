@@ -390,7 +390,7 @@ def test_predictive_controller_tracks_a_growing_step():
     from ntkflow._adaptive import next_step_size, predictive_step_size
 
     h, err, p = jnp.asarray(2.0), jnp.asarray(0.3), 5.0
-    standard = next_step_size(h, err, p)
+    standard = next_step_size(h, err, p, safety=0.95)
     growth = 1.1
     np.testing.assert_allclose(
         predictive_step_size(h, err, h / growth, err, p), growth * standard, rtol=1e-6
@@ -403,6 +403,46 @@ def test_predictive_controller_tracks_a_growing_step():
     )
     # An error rising from one step to the next slows the growth below the standard's.
     assert predictive_step_size(h, err, h, err / 4, p) < standard
+
+
+class _ToleranceSizedStart(Rodas5P):
+    """Rodas5P with the former first step: 1% of ``atol + rtol |F|`` at the initial rate."""
+
+    @staticmethod
+    def _initial_h(dyn, y0, rtol, atol):
+        from ntkflow._dynamics import rms
+
+        d1 = rms(dyn.k @ dyn.grad_fn(y0.f))
+        return 0.01 * (atol + rtol * rms(y0.f)) / d1
+
+
+def test_eigenbasis_first_step_is_sized_by_the_state_not_the_tolerance():
+    """The eigenbasis solvers' first step moves the outputs by 1% of their size (the
+    targets' here: they start near zero), so the Rosenbrock method does not spend steps
+    ramping up from a tolerance-sized start: fewer steps than from that start, and the
+    same accuracy against a tight solve."""
+    from ntkflow._dynamics import rms
+    from ntkflow._ode import solve_at
+
+    k_tt, _, y, f0, _ = _stiff_problem(cond=1e4)
+    layout = make_layout(y.shape, (-1,))
+    eig = Eigen.of(k_tt)
+    dyn = Dynamics(k_tt, FlatLoss(log_cosh, layout, (y.shape[0],)), y, None, False, eig)
+    y0 = dyn.initial_state(f0, None)
+    h0 = Rodas5P._initial_h(dyn, y0, TOL["rtol"], TOL["atol"])
+    rate = rms(k_tt @ dyn.grad_fn(f0))
+    np.testing.assert_allclose(h0 * rate, 0.01 * max(rms(f0), rms(y)), rtol=1e-5)
+
+    ts = jnp.array([1e3, 1e5], DTYPE)
+    tight = 1e-12 if X64 else 1e-7
+    ref, _ = solve_at(dyn, y0, ts, Rodas5P(), tight, tight, 10_000)
+    new, info_new = solve_at(dyn, y0, ts, Rodas5P(), TOL["rtol"], TOL["atol"], 10_000)
+    old, info_old = solve_at(
+        dyn, y0, ts, _ToleranceSizedStart(), TOL["rtol"], TOL["atol"], 10_000
+    )
+    assert bool(info_new.ok) and bool(info_old.ok)
+    assert int(info_new.num_steps) <= int(info_old.num_steps) - 4
+    assert rel_err(new.f, ref.f) <= max(2 * rel_err(old.f, ref.f), 10 * TOL["rtol"])
 
 
 @pytest.mark.parametrize("momentum", [None, -0.1], ids=["gd", "momentum"])

@@ -7,14 +7,19 @@ methods whose state (the "carry") lives in eigen-coordinates
 :math:`K = V \Lambda V^T` (``Dynamics.eigen``, computed once per predictor).
 A method supplies ``_start`` (the carry of an initial state), ``_step`` (one
 step and its scaled error estimate) and ``error_exponent``; step sizes follow
-the standard controller :math:`h_{n+1} = h_n \min(10, \max(0.2, 0.9\,
+the standard controller :math:`h_{n+1} = h_n \min(10, \max(0.2, 0.95\,
 \text{err}^{-1/p}))`, times, after two full accepted steps, Gustafsson's
 predictive trend :math:`(h_n / h_{n-1}) (\text{err}_{n-1} /
 \text{err}_n)^{1/p}` (at most 1.25; :func:`predictive_step_size`). Over a
 long horizon the affordable step grows steadily and the standard controller
 alone lags behind it (its error settled near half the tolerance); with the
 trend the Rosenbrock method takes 7-8% fewer steps (log-cosh, converged
-horizon: 131 -> 121 steps at n = 256, 121 -> 112 at n = 1024).
+horizon: 131 -> 121 steps at n = 256, 121 -> 112 at n = 1024). The first
+step moves the state by 1% of its size (:meth:`EigenbasisSolver._initial_h`).
+Together, the safety factor 0.95 (instead of the usual 0.9: the trend already
+anticipates the growth) and that first step took the same problem from 113 to
+94 steps at n = 1024 (121 -> 103 at n = 256), with no rejected step and a
+smaller error (3.8e-10 against 5.6e-10).
 
 The carry always holds ``z``, ``q`` (momentum, else ``None``) and the gradient
 integrals on null modes ``b`` (:math:`S_1`) and ``c`` (:math:`S_2`, momentum).
@@ -40,12 +45,19 @@ from ntkflow._solvers import AbstractSolver, SolveInfo, converged, projected_gra
 __all__ = ["EigenbasisSolver", "next_step_size", "rms"]
 
 _SAFETY, _FAC_MIN, _FAC_MAX = 0.9, 0.2, 10.0
+#: The predictive controller's safety factor: its error target is ``0.95^p`` (0.77 for
+#: ``p = 5``) rather than the standard controller's ``0.9^p`` (0.59): the trend already
+#: anticipates the growth the safety factor guards against (Rosenbrock method, log-cosh,
+#: n = 1024, converged horizon: 113 -> 105 steps, the same error, no rejected step).
+_PREDICTIVE_SAFETY = 0.95
 
 
-def next_step_size(h: Array, err: Array, exponent: float, grow: Array | bool = True) -> Array:
-    """The standard controller: ``h min(10, max(0.2, 0.9 err^(-1/exponent)))``, capped at
-    ``h`` where ``grow`` is false (e.g. right after a rejected step)."""
-    fac = _SAFETY * jnp.where(err > 0, err, 1e-10) ** (-1.0 / exponent)
+def next_step_size(h: Array, err: Array, exponent: float, grow: Array | bool = True,
+                   safety: float = _SAFETY) -> Array:
+    """The standard controller: ``h min(10, max(0.2, safety err^(-1/exponent)))``
+    (``safety = 0.9``), capped at ``h`` where ``grow`` is false (e.g. right after a
+    rejected step)."""
+    fac = safety * jnp.where(err > 0, err, 1e-10) ** (-1.0 / exponent)
     return h * jnp.clip(fac, _FAC_MIN, jnp.where(grow, _FAC_MAX, 1.0))
 
 
@@ -57,10 +69,11 @@ def predictive_step_size(
     The standard factor times the trend ``(h / h_prev) (err_prev / err)^(1/p)``, which
     keeps the error at its target while the step sizes grow steadily (the standard
     controller alone lags: for a step size that grows by ``g`` per step its error settles
-    at ``(0.9 / g)^p`` of the tolerance); the trend may raise the step by 25% at most.
+    at ``(safety / g)^p`` of the tolerance); the trend may raise the step by 25% at most.
+    The safety factor is ``0.95`` (``_PREDICTIVE_SAFETY``).
     """
     tiny = 1e-10
-    standard = next_step_size(h, err, exponent)
+    standard = next_step_size(h, err, exponent, safety=_PREDICTIVE_SAFETY)
     e, ep = jnp.maximum(err, tiny), jnp.maximum(err_prev, tiny)
     trend = h / jnp.where(h_prev > 0, h_prev, 1.0) * (ep / e) ** (1.0 / exponent)
     predicted = jnp.clip(standard * jnp.minimum(trend, 1.25), _FAC_MIN * h, _FAC_MAX * h)
@@ -111,13 +124,25 @@ class EigenbasisSolver(AbstractSolver):
 
     @staticmethod
     def _initial_h(dyn: Dynamics, y0: FlatState, rtol: float, atol: float) -> Array:
+        """The first step: one that moves the state by 1% of its size at its initial rate.
+
+        The size is the largest rms of the outputs, the targets (outputs often start at
+        zero) and the velocities. The eigenbasis methods treat the stiff linear part
+        exactly (exponential integrator) or L-stably (Rosenbrock), so such a step is
+        affordable at any stiffness (and a rejected one is retried 5x shorter). A start
+        sized by the tolerance instead (1% of ``atol + rtol |F|``) spent 14 of 113 steps
+        ramping up from 1e-6 of the fastest time scale (log-cosh, n = 1024, converged
+        horizon); now the first step is accepted at a third of it.
+        """
         kg = dyn.k @ dyn.grad_fn(y0.f)
+        size = jnp.maximum(rms(y0.f), rms(jnp.asarray(dyn.y, y0.f.dtype)))
         if y0.q is None:
-            d1, scale = rms(kg), atol + rtol * rms(y0.f)
+            d1 = rms(kg)
         else:
             assert dyn.damping is not None
             d1 = rms(jnp.stack([y0.q, -kg + dyn.damping * y0.q]))
-            scale = atol + rtol * rms(jnp.stack([y0.f, y0.q]))
+            size = jnp.maximum(size, rms(y0.q))
+        scale = jnp.maximum(size, atol)
         # Not differentiated (see _next_h).
         return jax.lax.stop_gradient(
             jnp.where(d1 > 0, 0.01 * scale / jnp.where(d1 > 0, d1, 1), 1.0))
