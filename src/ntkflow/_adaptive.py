@@ -40,7 +40,7 @@ from jaxtyping import Array
 
 from ntkflow._dynamics import Dynamics, FlatState, rms
 from ntkflow._eigen import Eigen, phi1
-from ntkflow._solvers import AbstractSolver, SolveInfo, converged, projected_gradient
+from ntkflow._solvers import AbstractSolver, SolveInfo, end_of_training_test
 
 __all__ = ["EigenbasisSolver", "next_step_size", "rms"]
 
@@ -249,14 +249,11 @@ class EigenbasisSolver(AbstractSolver):
         eig = self._eigen(dynamics)
         # Continue from y0 at tau0; the gradient integrals restart from y0's.
         x0 = self._start(dynamics, eig, y0)
-        loss0 = dynamics.loss_fn(y0.f)
-        _, curvature0 = projected_gradient(dynamics, eigen, y0.f)
         h0 = self._initial_h(dynamics, y0, rtol, atol)
+        test = end_of_training_test(dynamics, eigen, y0, rtol, atol, active)
 
         def is_done(x):
-            return converged(
-                dynamics, eigen, self._outputs(eig, x), loss0, curvature0, rtol, atol
-            )
+            return test(self._outputs(eig, x))
 
         def cond(c):
             tau, x, h, n, done, ok, _ = c
@@ -274,8 +271,7 @@ class EigenbasisSolver(AbstractSolver):
             return (tau, x, h_next, n + 1, done, ok & jnp.isfinite(err), hist)
 
         no_history = (jnp.zeros_like(h0), jnp.zeros_like(h0))
-        done0 = is_done(x0) if active is None else is_done(x0) | ~active
-        init = (jnp.zeros_like(tau0), x0, h0, jnp.zeros((), jnp.int32), done0,
+        init = (jnp.zeros_like(tau0), x0, h0, jnp.zeros((), jnp.int32), is_done(x0),
                 jnp.ones((), bool), no_history)
         tau, x, _, n, done, ok, _ = jax.lax.while_loop(cond, body, init)
         code = jnp.where(done, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)

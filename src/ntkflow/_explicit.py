@@ -37,9 +37,8 @@ from ntkflow._solvers import (
     SOLVERS,
     DiffraxSolver,
     SolveInfo,
-    converged,
+    end_of_training_test,
     explicit_end_tolerances,
-    projected_gradient,
 )
 
 __all__ = ["Tsit5", "integrate", "converge"]
@@ -239,12 +238,7 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
              atol: float, max_steps: int, active: Array | None = None
              ) -> tuple[FlatState, SolveInfo]:
     """Steps from ``y0`` (at ``tau0``) until ``is_done`` (see ``_solvers.converged``)."""
-    loss0 = dyn.loss_fn(y0.f)
-    _, curvature0 = projected_gradient(dyn, eigen, y0.f)
-
-    def is_done(y: FlatState) -> Array:
-        return converged(dyn, eigen, y, loss0, curvature0, rtol, atol)
-
+    is_done = end_of_training_test(dyn, eigen, y0, rtol, atol, active)
     k0 = dyn.vector_field(tau0, y0)
     step_rtol, step_atol = explicit_end_tolerances(dyn, rtol, atol)
     h0 = _initial_h(dyn, y0, k0, step_rtol, step_atol)
@@ -263,8 +257,7 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
         return (jnp.where(accept, tau + h, tau), y, _select(accept, ks[-1], k),
                 _next_h(h, err, accept), n + 1, done, ok & jnp.isfinite(err))
 
-    done0 = is_done(y0) if active is None else is_done(y0) | ~active
-    init = (tau0, y0, k0, h0, jnp.zeros((), jnp.int32), done0, jnp.ones((), bool))
+    init = (tau0, y0, k0, h0, jnp.zeros((), jnp.int32), is_done(y0), jnp.ones((), bool))
     tau, y, _, _, n, done, ok = jax.lax.while_loop(cond, body, init)
     code = jnp.where(done, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)
     return y, SolveInfo(done, tau, n, 6 * n + 2, code)

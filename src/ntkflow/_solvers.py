@@ -15,6 +15,7 @@ classes. ``"auto"`` is resolved by :func:`ntkflow._auto.choose_solver`.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import diffrax as dfx
@@ -35,6 +36,8 @@ __all__ = [
     "SolveInfo",
     "SOLVERS",
     "converged",
+    "end_of_training_test",
+    "explicit_end_tolerances",
     "projected_gradient",
 ]
 
@@ -158,6 +161,27 @@ def converged(
     return outputs_done | (loss_done & (coast <= tol))
 
 
+def end_of_training_test(
+    dynamics: Dynamics,
+    eigen: Eigen,
+    y0: FlatState,
+    rtol: float,
+    atol: float,
+    active: Array | None = None,
+) -> Callable[[FlatState], Array]:
+    """The test :func:`converged` for a solve to ``t = inf`` that starts at ``y0`` (its
+    loss and curvature are the references); always true where ``active`` is false (the
+    solve then stops at once; see :func:`ntkflow._ode.solve_at`)."""
+    loss0 = dynamics.loss_fn(y0.f)
+    _, curvature0 = projected_gradient(dynamics, eigen, y0.f)
+    off = jnp.zeros((), bool) if active is None else ~active
+
+    def is_done(y: FlatState) -> Array:
+        return converged(dynamics, eigen, y, loss0, curvature0, rtol, atol) | off
+
+    return is_done
+
+
 class AbstractSolver(eqx.Module):
     """A strategy to integrate :class:`ntkflow._dynamics.Dynamics`.
 
@@ -278,13 +302,11 @@ class DiffraxSolver(AbstractSolver):
         return ys, info._replace(ok=info.ok & finite)
 
     def converge(self, dynamics, y0, tau0, eigen, *, rtol, atol, max_steps, active=None):
-        loss0 = dynamics.loss_fn(y0.f)
-        _, curvature0 = projected_gradient(dynamics, eigen, y0.f)
-        inactive = jnp.zeros((), bool) if active is None else ~active
+        is_done = end_of_training_test(dynamics, eigen, y0, rtol, atol, active)
 
         def cond_fn(t, y, args, **kwargs):
             del args, kwargs
-            return converged(dynamics, eigen, y, loss0, curvature0, rtol, atol) | inactive
+            return is_done(y)
 
         step_rtol, step_atol = explicit_end_tolerances(dynamics, rtol, atol)
         sol = self._solve(
