@@ -88,6 +88,7 @@ SHARED_CONSTRUCTOR_CASES = [
     BAD(dict(learning_rate=np.inf), ValueError, "`learning_rate`", id="lr-inf"),
     BAD(dict(learning_rate="fast"), TypeError, "`learning_rate`", id="lr-str"),
     BAD(dict(learning_rate=[0.1, 0.2]), TypeError, "`learning_rate`", id="lr-array"),
+    BAD(dict(learning_rate=True), TypeError, "`learning_rate` must be", id="lr-bool"),
 ]
 
 
@@ -137,6 +138,7 @@ def test_diag_reg_can_make_an_indefinite_kernel_acceptable():
         BAD(dict(momentum=-0.1), ValueError, "`momentum`", id="momentum-negative"),
         BAD(dict(momentum=np.nan), ValueError, "`momentum`", id="momentum-nan"),
         BAD(dict(momentum="heavy"), TypeError, "`momentum`", id="momentum-str"),
+        BAD(dict(momentum=True), TypeError, "`momentum` must be", id="momentum-bool"),
         BAD(dict(max_steps=0), ValueError, "`max_steps`", id="max_steps-zero"),
         BAD(dict(max_steps=-5), ValueError, "`max_steps`", id="max_steps-negative"),
         BAD(dict(max_steps=10.5), TypeError, "`max_steps`", id="max_steps-float"),
@@ -214,6 +216,9 @@ _PREDICT_CASES = [
     BAD(dict(t=[1.0, np.nan]), ValueError, "`t`", id="t-nan"),
     BAD(dict(t=-np.inf), ValueError, "`t`", id="t-minus-inf"),
     BAD(dict(t="soon"), TypeError, "`t`", id="t-str"),
+    BAD(dict(t=True), TypeError, "`t` must be real numbers", id="t-bool"),
+    BAD(dict(t=np.array([True, False])), TypeError, "`t` must be real numbers",
+        id="t-bool-array"),
     BAD(dict(fx_train_0=F0.at[0, 0].set(jnp.nan)), ValueError, "`fx_train_0` must be finite",
         id="fx_train_0-nan"),
     BAD(dict(fx_train_0=jnp.zeros((N + 1, K), DTYPE)), ValueError, "`fx_train_0`",

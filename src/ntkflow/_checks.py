@@ -102,7 +102,7 @@ def describe(x: Any) -> str:
 def _scalar(x: Any, name: str, expectation: str) -> float:
     """``float(x)`` for a concrete real scalar, else a ``TypeError`` naming ``name``."""
     arr = np.asarray(x) if not isinstance(x, (str, bytes)) else None
-    if arr is None or arr.shape != () or arr.dtype.kind not in "biuf":
+    if arr is None or arr.shape != () or arr.dtype.kind not in "iuf":
         raise TypeError(f"`{name}` must be {expectation}; got {describe(x)}.")
     return float(arr)
 
@@ -191,11 +191,12 @@ def _checkable_in_one_pass(*arrays: Any) -> bool:
 
 
 def check_times(t: Any, name: str = "t") -> Any:
-    """Times must be non-negative and not NaN (``inf`` is allowed)."""
+    """Times must be real numbers (not booleans), non-negative and not NaN (``inf`` is
+    allowed)."""
     if is_concrete(t):
         arr = np.asarray(t)
-        if arr.dtype.kind not in "biuf":
-            raise TypeError(f"`{name}` must be real numbers; got {describe(arr)}.")
+        if arr.dtype.kind not in "iuf":
+            raise TypeError(f"`{name}` must be real numbers; got {describe(t)}.")
         if np.any(np.isnan(arr)) or np.any(arr < 0):
             raise ValueError(
                 f"`{name}` must be non-negative and not NaN (inf is allowed); got "
@@ -204,6 +205,8 @@ def check_times(t: Any, name: str = "t") -> Any:
             )
         return t
     t = jnp.asarray(t)
+    if t.dtype.kind not in "iuf":
+        raise TypeError(f"`{name}` must be real numbers; got {describe(t)}.")
     return eqx.error_if(
         t, jnp.any(jnp.isnan(t) | (t < 0)), f"`{name}` must be non-negative and not NaN."
     )
