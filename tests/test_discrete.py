@@ -444,6 +444,37 @@ def test_return_conventions(small, which):
     np.testing.assert_allclose(a[1], b[1], rtol=RTOL)
 
 
+@pytest.mark.skipif(not X64, reason="float64 initial outputs need JAX_ENABLE_X64=1")
+@pytest.mark.parametrize("which", ["loop", "closed"])
+@pytest.mark.parametrize("momentum", [None, 0.9])
+def test_higher_precision_initial_outputs_promote(which, momentum):
+    """A float32 kernel with float64 initial outputs computes in float64, as the
+    continuous-time predictors do: step 0 returns the initial outputs bit for bit (they
+    were rounded to float32 before), later steps agree with an all-float64 run to float32
+    accuracy, and Python scalars (weakly typed) keep the kernel's precision."""
+    p = _problem((5, 2), (-1,), 3, key=11)
+    k64, y64 = jnp.asarray(p["k"], jnp.float64), jnp.asarray(p["y"], jnp.float64)
+    kt64 = jnp.asarray(p["kt"], jnp.float64)
+    f0 = jnp.asarray(p["f0"], jnp.float64) + 1e-11 * jnp.arange(p["f0"].size).reshape(
+        p["f0"].shape)
+    ft0 = jnp.asarray(p["ft0"], jnp.float64) + 1e-11
+    lr = 0.5 * max_lr(jnp.asarray(p["k2d"], jnp.float64), y64.size, momentum)
+
+    def build(k, y):
+        if which == "loop":
+            return gradient_descent_discrete(mse, k, y, lr, momentum)
+        return gradient_descent_mse_discrete(k, y, lr, momentum)
+
+    f32 = [a.astype(jnp.float32) for a in (k64, y64, kt64)]
+    got = build(f32[0], f32[1])(np.array([0, 7]), f0, ft0, f32[2])
+    want = build(k64, y64)(np.array([0, 7]), f0, ft0, kt64)
+    for a, b, a0 in zip(got, want, (f0, ft0), strict=True):
+        assert a.dtype == jnp.float64
+        np.testing.assert_array_equal(a[0], a0)
+        np.testing.assert_allclose(a[1], b[1], rtol=2e-5, atol=2e-5)
+    assert build(f32[0], f32[1])(3, 0.5).dtype == jnp.float32
+
+
 @pytest.mark.parametrize("which", ["loop", "closed"])
 def test_jit_with_concrete_and_traced_steps(small, which):
     fn = small["predictors"][which]

@@ -492,7 +492,10 @@ def _predict(
 ) -> tuple[Any, jax.Array]:
     """One compiled program per predictor structure, call layout and shapes."""
     fx_train_0, vx_train_0, fx_test_0, vx_test_0, k_test_train = inputs
-    layout, dtype = pred.layout, pred.y_train.dtype
+    layout = pred.layout
+    # Initial outputs of a higher precision than the kernel promote the computation, as in
+    # the continuous-time predictors (Python scalars are weakly typed and do not).
+    dtype = jnp.result_type(pred.y_train.dtype, *(x for x in inputs[:4] if x is not None))
     has_momentum = pred._has_momentum
     y_shape = tuple(pred.y_train.shape)
 
