@@ -264,6 +264,39 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
 
 
 
+#: Finite-time solves keep Tsit5's local error estimate to this fraction of the tolerance.
+_LOCAL_FRACTION = 1 / 3
+#: ... but not below this many float epsilons, where round-off dominates.
+_ROUNDOFF_EPS = 8
+
+
+def step_tolerances(rtol: float, atol: float, dtype: Any) -> tuple[float, float]:
+    r"""The tolerances Tsit5's finite-time steps are controlled to, for user tolerances
+    ``(rtol, atol)``: both scaled by :math:`s = \max(1/3, \min(1, 8\epsilon /
+    \text{rtol}))`.
+
+    A tolerance bounds each step's *estimated local* error, and what it buys in *global*
+    error depends on the method's error estimate. At the same tolerance, Tsit5's global
+    error exceeded that of the predecessor's Dormand-Prince solve (``odeint``) in 16 of
+    30 float64 problems measured, by 1.01-3.8x (n = 32, 256 and 1024; MSE, cross-entropy,
+    log-cosh, with and without momentum; condition numbers 1e3 and 1e4; 14 random
+    spectra; errors against a 1e-11 solve). At a third of the tolerance it did so in 1
+    of 30, by 1.35x, for 1-19% more steps (the fewest in long solves). So
+    ``gradient_descent``'s default tolerances, the predecessor's, give about the
+    predecessor's accuracy or better; the global errors of both methods scatter by 2-4x
+    between nearby tolerances, so no fraction guarantees it everywhere. The scale
+    stops at ``8 eps`` (1e-6 in float32), where round-off dominates the error and more
+    steps do not reduce it (float32 at ``rtol`` 1.4e-8 gave the same error as at 1e-6,
+    with 4x the steps).
+
+    Solves to ``t = inf`` keep the user's tolerances: the end point of training attracts
+    the trajectory, so earlier step errors decay, and the convergence test sets the
+    accuracy of the limit.
+    """
+    floor = _ROUNDOFF_EPS * float(jnp.finfo(dtype).eps)
+    scale = max(_LOCAL_FRACTION, min(1.0, floor / rtol))
+    return rtol * scale, atol * scale
+
 
 class Tsit5(DiffraxSolver):
     """Tsitouras' explicit 5(4) Runge-Kutta method.
@@ -273,7 +306,8 @@ class Tsit5(DiffraxSolver):
     (default) it runs in ``diffrax.diffeqsolve`` (reverse-mode differentiable,
     used under JAX transformations); predictors switch to this module's own
     loop (``differentiable=False``, :meth:`for_concrete_inputs`) when their
-    inputs are concrete arrays, where nothing can be differentiated.
+    inputs are concrete arrays, where nothing can be differentiated. Finite-time
+    steps are controlled to a third of the tolerances (:func:`step_tolerances`).
     """
 
     name: ClassVar[str] = "tsit5"
@@ -287,6 +321,7 @@ class Tsit5(DiffraxSolver):
         return Tsit5(differentiable=False)
 
     def integrate(self, dynamics, y0, taus, *, rtol, atol, max_steps):
+        rtol, atol = step_tolerances(rtol, atol, y0.f.dtype)
         if self.differentiable:
             return super().integrate(dynamics, y0, taus, rtol=rtol, atol=atol,
                                      max_steps=max_steps)

@@ -547,7 +547,10 @@ def gradient_descent(
         and ``"rodas5p"`` are not reverse-mode differentiable (``jax.grad``:
         use ``"auto"`` or ``"tsit5"``).
       rtol, atol: keyword-only tolerances of the adaptive solver (default
-        ``1.4e-8`` in float64, as neural-tangents; ``1e-6`` in float32).
+        ``1.4e-8`` in float64, as neural-tangents; ``1e-6`` in float32). Tsit5
+        controls its finite-time steps to a third of them, for about
+        neural-tangents' accuracy at the same tolerances (see
+        :func:`ntkflow._explicit.step_tolerances`).
       max_steps: keyword-only; the solver gives up (with an error) after this
         many steps.
 
