@@ -263,7 +263,6 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
     return y, SolveInfo(done, tau, n, 6 * n + 2, code)
 
 
-
 #: Finite-time solves keep Tsit5's local error estimate to this fraction of the tolerance.
 _LOCAL_FRACTION = 1 / 3
 #: ... but not below this many float epsilons, where round-off dominates.
