@@ -99,10 +99,14 @@ def describe(x: Any) -> str:
     return text if len(text) < 80 else text[:77] + "..."
 
 
+#: NumPy dtype kinds accepted as real numbers: integers and floats, not booleans.
+_REAL_KINDS = "iuf"
+
+
 def _scalar(x: Any, name: str, expectation: str) -> float:
     """``float(x)`` for a concrete real scalar, else a ``TypeError`` naming ``name``."""
     arr = np.asarray(x) if not isinstance(x, (str, bytes)) else None
-    if arr is None or arr.shape != () or arr.dtype.kind not in "iuf":
+    if arr is None or arr.shape != () or arr.dtype.kind not in _REAL_KINDS:
         raise TypeError(f"`{name}` must be {expectation}; got {describe(x)}.")
     return float(arr)
 
@@ -193,10 +197,11 @@ def _checkable_in_one_pass(*arrays: Any) -> bool:
 def check_times(t: Any, name: str = "t") -> Any:
     """Times must be real numbers (not booleans), non-negative and not NaN (``inf`` is
     allowed)."""
-    if is_concrete(t):
-        arr = np.asarray(t)
-        if arr.dtype.kind not in "iuf":
-            raise TypeError(f"`{name}` must be real numbers; got {describe(t)}.")
+    concrete = is_concrete(t)
+    arr: Any = np.asarray(t) if concrete else jnp.asarray(t)
+    if arr.dtype.kind not in _REAL_KINDS:
+        raise TypeError(f"`{name}` must be real numbers; got {describe(t if concrete else arr)}.")
+    if concrete:
         if np.any(np.isnan(arr)) or np.any(arr < 0):
             raise ValueError(
                 f"`{name}` must be non-negative and not NaN (inf is allowed); got "
@@ -204,11 +209,8 @@ def check_times(t: Any, name: str = "t") -> Any:
                 f"{' ...' if arr.size > 8 else ''}."
             )
         return t
-    t = jnp.asarray(t)
-    if t.dtype.kind not in "iuf":
-        raise TypeError(f"`{name}` must be real numbers; got {describe(t)}.")
     return eqx.error_if(
-        t, jnp.any(jnp.isnan(t) | (t < 0)), f"`{name}` must be non-negative and not NaN."
+        arr, jnp.any(jnp.isnan(arr) | (arr < 0)), f"`{name}` must be non-negative and not NaN."
     )
 
 
