@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from ntkflow._compensated import compensate, dot2, two_sum
 from ntkflow._dynamics import Dynamics, FlatState, rms
 from ntkflow._eigen import Eigen, phi1
 from ntkflow._solvers import AbstractSolver, SolveInfo, end_of_training_test
@@ -160,7 +161,11 @@ class EigenbasisSolver(AbstractSolver):
 
     @staticmethod
     def _state(dyn: Dynamics, eig: Eigen, x0: Any, x: Any, tau: Array) -> FlatState:
-        """The flat state at time ``tau`` (since the start ``x0`` of this solve)."""
+        """The flat state at time ``tau`` (since the start ``x0`` of this solve).
+
+        In single precision the gradient integrals come back from the eigenbasis
+        compensated (:func:`ntkflow._compensated.dot2`), their low-order parts in ``lo``.
+        """
         v = eig.evecs
         null = eig.null[:, None]
         lam = jnp.where(null, 1.0, eig.evals[:, None])
@@ -169,27 +174,29 @@ class EigenbasisSolver(AbstractSolver):
             return FlatState(v @ x.z, q, None, None)
         if x.q is None:
             s1 = jnp.where(null, x.b, -(x.z - x0.z) / lam)
-            return FlatState(v @ x.z, None, v @ s1, None)
+            return _with_integrals(v @ x.z, q, v, s1, None)
         assert dyn.damping is not None and x0.q is not None and x.c is not None
         d = jnp.asarray(dyn.damping, x.z.dtype)
         decay = jnp.exp(d * tau)
         phi = phi1(-d[None], tau[None])[0, 0]  # (e^{d tau} - 1) / d
         s1 = jnp.where(null, x.b, (decay * x0.q - x.q) / lam)
         s2 = jnp.where(null, x.c, (x0.z + phi * x0.q - x.z) / lam)
-        return FlatState(v @ x.z, q, v @ s1, v @ s2)
+        return _with_integrals(v @ x.z, q, v, s1, s2)
 
     @staticmethod
     def _add_integrals(dyn: Dynamics, y0: FlatState, y: FlatState, tau: Array) -> FlatState:
-        """Compose gradient integrals: those up to ``y0`` followed by those since ``y0``."""
+        """Compose gradient integrals: those up to ``y0`` followed by those since ``y0``
+        (compensated if ``y`` is)."""
         assert y.s1 is not None and y0.s1 is not None
         if dyn.damping is None:
-            return FlatState(y.f, y.q, y0.s1 + y.s1, None)
+            return _sum_integrals(y, (y0.s1, y.s1), None, y0.lo, 1.0, 0.0)
         assert y.s2 is not None and y0.s2 is not None
         d = jnp.asarray(dyn.damping, y.f.dtype)
         decay = jnp.exp(d * tau)
         phi = phi1(-d[None], tau[None])[0, 0]
         # s1(T + tau) = e^{d tau} s1(T) + s1_new; s2(T + tau) = s2(T) + phi * s1(T) + s2_new.
-        return FlatState(y.f, y.q, decay * y0.s1 + y.s1, y0.s2 + phi * y0.s1 + y.s2)
+        return _sum_integrals(y, (decay * y0.s1, y.s1), (y0.s2 + phi * y0.s1, y.s2), y0.lo,
+                              decay, phi)
 
     # -- the contract ---------------------------------------------------------------------------
 
@@ -281,3 +288,35 @@ class EigenbasisSolver(AbstractSolver):
             assert y.s1 is not None and y0.s1 is not None
             y = self._add_integrals(dynamics, y0, y, tau)
         return y, SolveInfo(done, tau0 + tau, n, jnp.asarray(-1), code)
+
+
+def _with_integrals(f: Array, q: Array | None, v: Array, s1: Array, s2: Array | None
+                    ) -> FlatState:
+    """The flat state with gradient integrals ``v @ s1``, ``v @ s2`` (compensated in single
+    precision, see :mod:`ntkflow._compensated`)."""
+    if not compensate(f.dtype):
+        return FlatState(f, q, v @ s1, None if s2 is None else v @ s2)
+    s1, s1_lo = dot2(v, s1)
+    s2, s2_lo = (None, None) if s2 is None else dot2(v, s2)
+    zq = None if q is None else jnp.zeros_like(q)
+    return FlatState(f, q, s1, s2, FlatState(jnp.zeros_like(f), zq, s1_lo, s2_lo))
+
+
+def _sum_integrals(y: FlatState, s1: tuple[Array, Array], s2: tuple[Array, Array] | None,
+                   lo0: FlatState | None, decay: Any, phi: Any) -> FlatState:
+    """``y`` with the integrals ``s1[0] + s1[1]`` (and ``s2``'s), adding the low-order
+    parts of ``y`` and of the earlier state (``lo0``, scaled as its integrals) when kept."""
+    if y.lo is None:
+        return FlatState(y.f, y.q, s1[0] + s1[1], None if s2 is None else s2[0] + s2[1])
+    lo = y.lo
+    if lo0 is None:
+        lo0 = jax.tree.map(jnp.zeros_like, lo)
+    assert lo.s1 is not None and lo0.s1 is not None
+    hi1, e1 = two_sum(*s1)
+    lo1 = e1 + lo.s1 + decay * lo0.s1
+    if s2 is None:
+        return FlatState(y.f, y.q, hi1, None, FlatState(lo.f, lo.q, lo1, None))
+    assert lo.s2 is not None and lo0.s2 is not None
+    hi2, e2 = two_sum(*s2)
+    lo2 = e2 + lo.s2 + lo0.s2 + phi * lo0.s1
+    return FlatState(y.f, y.q, hi1, hi2, FlatState(lo.f, lo.q, lo1, lo2))

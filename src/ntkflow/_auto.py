@@ -61,12 +61,15 @@ about 20 kernel products at :math:`S = 10`, where Tsit5 needs 80-130). Otherwise
 when the request is stiff or ``t`` contains ``inf``:
 ``"expo"`` for isotropic losses, ``"rodas5p"`` for regression losses (and, with
 momentum, for every other loss); and
-``"tsit5"`` (Tsitouras 5(4), explicit, with the test outputs kept out of the
-ODE state) otherwise: for classification losses, short horizons, and when
-``t`` or the initial outputs are traced (under ``jax.jit``, ``jax.grad``,
-``jax.vmap``: the horizon is unknown, and diffrax's solvers are reverse-mode
-differentiable while the eigenbasis solvers' adaptive loops are not; with
-concrete inputs Tsit5 runs in ntkflow's own, leaner loop, :mod:`ntkflow._explicit`). Pass
+an explicit 5(4) method, with the test outputs kept out of the ODE state,
+otherwise: for classification losses, short horizons, and when ``t`` or the
+initial outputs are traced (under ``jax.jit``, ``jax.grad``, ``jax.vmap``: the
+horizon is unknown, and diffrax's solvers are reverse-mode differentiable while
+the eigenbasis solvers' adaptive loops are not; with concrete inputs the explicit
+methods run in ntkflow's own, leaner loop, :mod:`ntkflow._explicit`). The explicit
+method is ``"tsit5"`` (Tsitouras) in double precision and ``"dopri5"``
+(Dormand-Prince) in single precision, where its smaller solution weights carry a
+fifth of Tsit5's round-off (:class:`ntkflow._explicit.Dopri5`). Pass
 ``solver="expo"`` or ``"rodas5p"`` to force one (e.g. under ``jit``).
 """
 
@@ -82,14 +85,16 @@ from jaxtyping import Array
 
 from ntkflow._axes import outputs_to_2d
 from ntkflow._chebyshev import MAX_WIDTH, Chebyshev, spectral_bound
+from ntkflow._compensated import compensate
 from ntkflow._dynamics import Dynamics, FlatState, rms
-from ntkflow._explicit import Tsit5
+from ntkflow._explicit import Dopri5, Tsit5
 from ntkflow._solvers import AbstractSolver
 from ntkflow._typing import is_concrete
 
 __all__ = [
     "AUTO",
     "choose_solver",
+    "explicit_solver",
     "classify",
     "isotropic_curvature",
     "isotropic_quadratic",
@@ -210,6 +215,11 @@ def classify(
     )
 
 
+def explicit_solver(dtype: Any) -> AbstractSolver:
+    """``auto``'s explicit method for this float type (see the module docstring)."""
+    return Dopri5() if compensate(dtype) else Tsit5()
+
+
 def choose_solver(
     dynamics: Dynamics, y0: FlatState, taus: Array, lam_max: Array, facts: Any = None
 ) -> AbstractSolver:
@@ -219,7 +229,7 @@ def choose_solver(
     from ntkflow._rosenbrock import Rodas5P
 
     if not is_concrete(taus, y0.f, lam_max):
-        return Tsit5()
+        return explicit_solver(y0.f.dtype)
     if facts is None:
         facts = jax.device_get(classify(dynamics, y0, taus, lam_max))
     isotropic, minimize, infinite, s, width = facts
@@ -234,7 +244,7 @@ def choose_solver(
     elif dynamics.momentum:
         stiff_solver, (a, b) = Rodas5P(), _STIFF["rodas5p, classification, momentum"]
     else:
-        return Tsit5()
+        return explicit_solver(y0.f.dtype)
     if infinite or s > a * dynamics.k.shape[0] + b:
         return stiff_solver
-    return Tsit5()
+    return explicit_solver(y0.f.dtype)

@@ -1,36 +1,44 @@
-r"""ntkflow's own loop for Tsitouras' explicit Runge-Kutta 5(4) method.
+r"""ntkflow's own loop for explicit Runge-Kutta 5(4) pairs: Tsitouras' and Dormand-Prince's.
 
-The same method as diffrax's ``Tsit5`` (Ch. Tsitouras, "Runge-Kutta pairs of
+The same methods as diffrax's ``Tsit5`` (Ch. Tsitouras, "Runge-Kutta pairs of
 order 5(4) satisfying only the first column simplifying assumption", Comput.
-Math. Appl. 62, 2011; coefficients as in diffrax), in a loop written for this
-one problem: one ``lax.while_loop`` over steps of the flat state
+Math. Appl. 62, 2011; coefficients as in diffrax) and ``Dopri5`` (the method of
+neural-tangents' ``odeint``), in a loop written for this one problem: one
+``lax.while_loop`` over steps of the flat state
 (:class:`ntkflow._dynamics.FlatState`), first-same-as-last stages, the
 standard step-size controller :math:`h_{n+1} = h_n \min(10, \max(0.2,
 0.9\,\text{err}^{-1/5}))` on the root-mean-square error relative to
 :math:`\text{atol} + \text{rtol} \max(|y_n|, |y_{n+1}|)`, and output at the
-requested times by the method's continuous extension (order 4), so the
+requested times by the methods' continuous extensions (order 4), so the
 number of output times does not change the steps taken.
 
+In single precision the loop carries the state compensated, as an unevaluated sum
+``hi + lo`` (:mod:`ntkflow._compensated`): each step's increment joins ``lo`` and one
+error-free addition moves what fits into ``hi``. Float32's round-off then no longer
+accumulates in the gradient integral ``S_1`` over hundreds of steps, which the test
+read-out ``K_test @ S_1`` would expose (the saved states keep ``lo`` for it).
+
 A solve takes 12-38% less time than the same method in ``diffrax.diffeqsolve``
-(measured at n = 256 and 1024 for MSE, cross-entropy and log-cosh; diffrax's
+(measured for Tsit5 at n = 256 and 1024 for MSE, cross-entropy and log-cosh; diffrax's
 generality: events, checkpointed loops for reverse-mode differentiation,
 solver-agnostic bookkeeping, has a price on small, cheap steps). ``lax.while_loop`` is not
-reverse-mode differentiable, so :class:`ntkflow._solvers.Tsit5` uses this loop
+reverse-mode differentiable, so :class:`Tsit5` and :class:`Dopri5` use this loop
 for concrete inputs only and diffrax's under JAX transformations.
 """
-
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from ntkflow._adaptive import next_step_size
+from ntkflow._compensated import compensate, two_sum
 from ntkflow._dynamics import Dynamics, FlatState
 from ntkflow._eigen import Eigen
 from ntkflow._solvers import (
@@ -41,7 +49,7 @@ from ntkflow._solvers import (
     explicit_end_tolerances,
 )
 
-__all__ = ["Tsit5", "integrate", "converge"]
+__all__ = ["Dopri5", "Tsit5", "Tableau", "integrate", "converge", "step_tolerances"]
 
 _EXPONENT = 5.0  # embedded order 4: error ~ h^5
 
@@ -62,7 +70,7 @@ _E = (0.0017800110522257773, 0.0008164344596567463, -0.007880878010261994,
       0.1447110071732629, -0.5823571654525552, 0.45808210592918686, -0.015151515151515152)
 
 
-def _dense_weights(theta: Array) -> Array:
+def _tsit5_dense(theta: Array) -> Array:
     """Weights ``b_i(theta)`` of the continuous extension: ``y(t + theta h) = y + h sum b_i k_i``.
     """
     t = theta
@@ -76,6 +84,58 @@ def _dense_weights(theta: Array) -> Array:
         -34.87065786149660974 * (t - 1.2) * (t - 0.666666666666666667) * t**2,
         2.5 * (t - 1) * (t - 0.6) * t**2,
     ])
+
+
+# Dormand & Prince, "A family of embedded Runge-Kutta formulae", J. Comput. Appl. Math. 6,
+# 1980: the method of neural-tangents' ``odeint`` (and of diffrax's ``Dopri5``).
+_DP_A: tuple[tuple[float, ...], ...] = (
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+_DP_B = _DP_A[-1] + (0.0,)
+_DP_B_EMBEDDED = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100,
+                  1 / 40)
+_DP_E = tuple(b - c for b, c in zip(_DP_B, _DP_B_EMBEDDED, strict=True))
+# Shampine's order-4 continuous extension (Hairer, Norsett & Wanner, Solving ODEs I, II.6;
+# ``CONTD5`` in their ``dopri5``): y(theta) = y0 + theta (u + (1 - theta) (h k_0 - u
+# + theta (2u - h k_0 - h k_6 + (1 - theta) h sum d_i k_i))), u = y1 - y0 = h sum b_i k_i.
+_DP_D = (-12715105075 / 11282082432, 0.0, 87487479700 / 32700410799,
+         -10690763975 / 1880347072, 701980252875 / 199316789632, -1453857185 / 822651844,
+         69997945 / 29380423)
+
+
+def _dopri5_dense(theta: Array) -> Array:
+    """Weights ``b_i(theta)`` of Dormand-Prince's continuous extension (see ``_DP_D``)."""
+    t = theta
+    b = jnp.asarray(_DP_B, t.dtype)
+    d = jnp.asarray(_DP_D, t.dtype)
+    first = jnp.zeros(7, t.dtype).at[0].set(1.0)
+    last = jnp.zeros(7, t.dtype).at[6].set(1.0)
+    return (t * b + t * (1 - t) * (first - b) + t**2 * (1 - t) * (2 * b - first - last)
+            + t**2 * (1 - t) ** 2 * d)
+
+
+class Tableau(NamedTuple):
+    """An explicit 5(4) Runge-Kutta pair with first-same-as-last stages.
+
+    Attributes:
+      a: stage ``i`` (1..6) uses ``a[i - 1]`` times the derivatives of stages ``0..i-1``;
+        stage 6 is the solution (its derivative starts the next step).
+      e: solution minus embedded weights, over the 7 stage derivatives.
+      dense: ``theta -> (7,)`` weights of the continuous extension.
+    """
+
+    a: tuple[tuple[float, ...], ...]
+    e: tuple[float, ...]
+    dense: Callable[[Array], Array]
+
+
+TSIT5 = Tableau(_A, _E, _tsit5_dense)
+DOPRI5 = Tableau(_DP_A, _DP_E, _dopri5_dense)
 
 
 def _combine(y: FlatState, ks: Sequence[FlatState], coeffs: Sequence[float] | Array,
@@ -92,6 +152,20 @@ def _combine(y: FlatState, ks: Sequence[FlatState], coeffs: Sequence[float] | Ar
     return jax.tree.map(leaf, y, *ks)
 
 
+def _add_compensated(y: FlatState, lo: FlatState | None, ks: Sequence[FlatState],
+                     coeffs: Sequence[float] | Array, h: Array
+                     ) -> tuple[FlatState, FlatState | None]:
+    """``(y + lo) + h * sum(c_i k_i)`` as a double word ``(hi, lo)`` (plain if ``lo`` is
+    ``None``): the increment joins the low-order part, then one error-free addition."""
+    if lo is None:
+        return _combine(y, ks, coeffs, h), None
+    increment = _combine(lo, ks, coeffs, h)
+    pairs = jax.tree.map(two_sum, y, increment)
+    is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
+    hi = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
+    return hi, jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
+
+
 def _error_ratio(err: FlatState, y0: FlatState, y1: FlatState, rtol: float, atol: float,
                  floor: FlatState | None = None) -> Array:
     """RMS over all entries of ``err / (atol + rtol max(|y0|, |y1|) + floor)``."""
@@ -105,16 +179,16 @@ def _error_ratio(err: FlatState, y0: FlatState, y1: FlatState, rtol: float, atol
     return jnp.sqrt(sum(jax.tree.leaves(sq)) / size)
 
 
-def _roundoff(dyn: Dynamics, y0: FlatState) -> FlatState:
+def _roundoff(dyn: Dynamics, y0: FlatState, tableau: Tableau) -> FlatState:
     r"""The derivatives' round-off in the error estimate, per unit step (``converge`` only).
 
     A loss gradient carries an absolute round-off of about ``eps`` times its largest
     terms, which does not shrink with the gradient: near saturation the cross-entropy
     gradient ``p - y`` is ``eps`` off while both are near 1. The error estimate
-    :math:`h \sum_i e_i k_i` then holds a noise of rms about :math:`h \cdot 0.76
-    \cdot \operatorname{rms}(K \eta)` (:math:`\sum_i e_i^2 = 0.76^2`; the stages'
-    round-off :math:`\eta_i` does not cancel), with :math:`\eta` uniform in
-    :math:`\pm\epsilon \max|G(F_0)|`, so :math:`\operatorname{rms}(K\eta) =
+    :math:`h \sum_i e_i k_i` then holds a noise of rms about :math:`h \|e\|
+    \operatorname{rms}(K \eta)` (:math:`\|e\| = 0.76` for Tsit5, 0.080 for
+    Dormand-Prince; the stages' round-off :math:`\eta_i` does not cancel), with
+    :math:`\eta` uniform in :math:`\pm\epsilon \max|G(F_0)|`, so :math:`\operatorname{rms}(K\eta) =
     \|K\|_F / \sqrt{n} \cdot \epsilon \max|G(F_0)| / \sqrt 3`. Once the loss
     curvature has collapsed, the steps are no longer capped by stability but by this
     noise, which no step size controls away. The end-of-training solve therefore adds
@@ -128,7 +202,8 @@ def _roundoff(dyn: Dynamics, y0: FlatState) -> FlatState:
     """
     g0 = dyn.grad_fn(y0.f)
     eps = jnp.finfo(y0.f.dtype).eps
-    gnoise = 0.44 * eps * jnp.max(jnp.abs(g0))  # 0.76 / sqrt(3)
+    weight = float(np.sqrt(np.sum(np.square(tableau.e)) / 3))
+    gnoise = weight * eps * jnp.max(jnp.abs(g0))
     knoise = gnoise * jnp.sqrt(jnp.sum(jnp.square(dyn.k)) / dyn.k.shape[0])
     zero = jnp.zeros_like(gnoise)
     s1 = None if y0.s1 is None else gnoise
@@ -137,19 +212,34 @@ def _roundoff(dyn: Dynamics, y0: FlatState) -> FlatState:
     return FlatState(zero, knoise, s1, None if y0.s2 is None else zero)
 
 
-def _step(dyn: Dynamics, y: FlatState, k0: FlatState, h: Array, rtol: float, atol: float,
-          noise: FlatState | None = None) -> tuple[FlatState, list[FlatState], Array]:
-    """One step: the new state, the 7 stage derivatives and the scaled error (``noise``:
-    the derivatives' round-off per unit step, :func:`_roundoff`)."""
+def _step(dyn: Dynamics, tableau: Tableau, y: FlatState, lo: FlatState | None, k0: FlatState,
+          h: Array, rtol: float, atol: float, noise: FlatState | None = None
+          ) -> tuple[FlatState, FlatState | None, list[FlatState], Array]:
+    """One step from the (possibly compensated) state ``y + lo``: the new state and its
+    low-order part, the 7 stage derivatives and the scaled error (``noise``: the
+    derivatives' round-off per unit step, :func:`_roundoff`)."""
     tau = jnp.zeros((), h.dtype)  # the dynamics are autonomous
     ks = [k0]
-    y1 = y
-    for row in _A:
-        y1 = _combine(y, ks, row, h)
-        ks.append(dyn.vector_field(tau, y1))
-    err = _combine(jax.tree.map(jnp.zeros_like, y), ks, _E, h)
+    for row in tableau.a[:-1]:
+        ks.append(dyn.vector_field(tau, _combine(y, ks, row, h)))
+    y1, lo1 = _add_compensated(y, lo, ks, tableau.a[-1], h)
+    ks.append(dyn.vector_field(tau, y1))
+    err = _combine(jax.tree.map(jnp.zeros_like, y), ks, tableau.e, h)
     floor = None if noise is None else jax.tree.map(lambda v: h * v, noise)
-    return y1, ks, _error_ratio(err, y, y1, rtol, atol, floor)
+    return y1, lo1, ks, _error_ratio(err, y, y1, rtol, atol, floor)
+
+
+def _split_lo(y: FlatState, compensated: bool) -> tuple[FlatState, FlatState | None]:
+    """``(y without its low-order part, the low-order part)``: zeros if ``compensated``
+    and ``y`` has none, ``None`` if not ``compensated``."""
+    hi = FlatState(y.f, y.q, y.s1, y.s2)
+    if not compensated:
+        return hi, None
+    return hi, y.lo if y.lo is not None else jax.tree.map(jnp.zeros_like, hi)
+
+
+def _with_lo(y: FlatState, lo: FlatState | None) -> FlatState:
+    return FlatState(y.f, y.q, y.s1, y.s2, lo)
 
 
 def _initial_h(dyn: Dynamics, y0: FlatState, k0: FlatState, rtol: float, atol: float) -> Array:
@@ -176,23 +266,37 @@ def _select(pred: Array, a: FlatState, b: FlatState) -> FlatState:
     return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
+def _select_lo(pred: Array, a: FlatState | None, b: FlatState | None) -> FlatState | None:
+    """:func:`_select` for low-order parts (``None`` in an uncompensated loop)."""
+    if a is None or b is None:
+        return None
+    return _select(pred, a, b)
+
+
 def integrate(dyn: Dynamics, y0: FlatState, taus: Float[Array, " m"], *, rtol: float,
-              atol: float, max_steps: int) -> tuple[FlatState, SolveInfo]:
-    """States at the sorted finite times ``taus >= 0`` (the solver contract's ``integrate``)."""
+              atol: float, max_steps: int, tableau: Tableau = TSIT5
+              ) -> tuple[FlatState, SolveInfo]:
+    """States at the sorted finite times ``taus >= 0`` (the solver contract's ``integrate``).
+
+    In single precision the state is carried compensated, as ``hi + lo``
+    (:mod:`ntkflow._compensated`), and the saved states keep their low-order parts.
+    """
     m = taus.shape[0]
     t_end = taus[-1]
-    saved = jax.tree.map(lambda a: jnp.zeros((m,) + a.shape, a.dtype), y0)
+    y0, lo0 = _split_lo(y0, compensate(y0.f.dtype))
+    saved = jax.tree.map(lambda a: jnp.zeros((m,) + a.shape, a.dtype), _with_lo(y0, lo0))
     # Times at the start are the initial state.
     start = jnp.sum(taus <= 0).astype(jnp.int32)
     saved = jax.tree.map(
         lambda s, v: jnp.where((jnp.arange(m) < start).reshape((-1,) + (1,) * v.ndim), v[None], s),
-        saved, y0,
+        saved, _with_lo(y0, lo0),
     )
     k0 = dyn.vector_field(jnp.zeros((), taus.dtype), y0)
     h0 = _initial_h(dyn, y0, k0, rtol, atol)
 
-    def record(i: Array, saved: FlatState, tau: Array, h: Array, y: FlatState, y1: FlatState,
-               ks: list[FlatState], tau1: Array) -> tuple[Array, FlatState]:
+    def record(i: Array, saved: FlatState, tau: Array, h: Array, y: FlatState,
+               lo: FlatState | None, y1: FlatState, ks: list[FlatState], tau1: Array
+               ) -> tuple[Array, FlatState]:
         """Save every requested time in ``(tau, tau1]`` from the continuous extension."""
         def cond(c: tuple[Array, FlatState]) -> Array:
             i, _ = c
@@ -202,65 +306,70 @@ def integrate(dyn: Dynamics, y0: FlatState, taus: Float[Array, " m"], *, rtol: f
             i, saved = c
             target = taus[i]
             theta = jnp.clip((target - tau) / h, 0.0, 1.0)
-            yi = _combine(y, ks, _dense_weights(theta), h)
+            yi = _with_lo(*_add_compensated(y, lo, ks, tableau.dense(theta), h))
             yi = _select(target >= tau1, y1, yi)
             return i + 1, jax.tree.map(lambda s, v: s.at[i].set(v), saved, yi)
 
         return jax.lax.while_loop(cond, body, (i, saved))
 
     def cond(c: tuple) -> Array:
-        tau, _, _, _, i, _, n, ok = c
+        tau, _, _, _, _, i, _, n, ok = c
         return (i < m) & (n < max_steps) & ok
 
     def body(c: tuple) -> tuple:
-        tau, y, k, h, i, saved, n, ok = c
+        tau, y, lo, k, h, i, saved, n, ok = c
         h = jnp.minimum(h, t_end - tau)
-        y1, ks, err = _step(dyn, y, k, h, rtol, atol)
+        y1, lo1, ks, err = _step(dyn, tableau, y, lo, k, h, rtol, atol)
         accept = err <= 1.0
         tau1 = jnp.where(h >= t_end - tau, t_end, tau + h)
         i, saved = jax.lax.cond(
-            accept, lambda: record(i, saved, tau, h, y, y1, ks, tau1), lambda: (i, saved)
+            accept, lambda: record(i, saved, tau, h, y, lo, _with_lo(y1, lo1), ks, tau1),
+            lambda: (i, saved),
         )
         return (
-            jnp.where(accept, tau1, tau), _select(accept, y1, y), _select(accept, ks[-1], k),
+            jnp.where(accept, tau1, tau), _select(accept, y1, y),
+            _select_lo(accept, lo1, lo), _select(accept, ks[-1], k),
             _next_h(h, err, accept), i, saved, n + 1, ok & jnp.isfinite(err),
         )
 
     zero = jnp.zeros((), jnp.int32)
-    init = (jnp.zeros((), taus.dtype), y0, k0, h0, start, saved, zero, jnp.ones((), bool))
-    tau, _, _, _, i, saved, n, ok = jax.lax.while_loop(cond, body, init)
+    init = (jnp.zeros((), taus.dtype), y0, lo0, k0, h0, start, saved, zero, jnp.ones((), bool))
+    tau, _, _, _, _, i, saved, n, ok = jax.lax.while_loop(cond, body, init)
     done = i >= m
     code = jnp.where(done, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)
     return saved, SolveInfo(done, tau, n, 6 * n + 2, code)
 
 
 def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: float,
-             atol: float, max_steps: int, active: Array | None = None
-             ) -> tuple[FlatState, SolveInfo]:
-    """Steps from ``y0`` (at ``tau0``) until ``is_done`` (see ``_solvers.converged``)."""
+             atol: float, max_steps: int, active: Array | None = None,
+             tableau: Tableau = TSIT5) -> tuple[FlatState, SolveInfo]:
+    """Steps from ``y0`` (at ``tau0``) until ``is_done`` (see ``_solvers.converged``); a
+    compensated ``y0`` (one with low-order parts) stays compensated."""
+    y0, lo0 = _split_lo(y0, y0.lo is not None)
     is_done = end_of_training_test(dyn, eigen, y0, rtol, atol, active)
     k0 = dyn.vector_field(tau0, y0)
     step_rtol, step_atol = explicit_end_tolerances(dyn, rtol, atol)
     h0 = _initial_h(dyn, y0, k0, step_rtol, step_atol)
-    noise = _roundoff(dyn, y0)
+    noise = _roundoff(dyn, y0, tableau)
 
     def cond(c: tuple) -> Array:
-        _, _, _, _, n, done, ok = c
+        _, _, _, _, _, n, done, ok = c
         return ~done & (n < max_steps) & ok
 
     def body(c: tuple) -> tuple:
-        tau, y, k, h, n, _, ok = c
-        y1, ks, err = _step(dyn, y, k, h, step_rtol, step_atol, noise)
+        tau, y, lo, k, h, n, _, ok = c
+        y1, lo1, ks, err = _step(dyn, tableau, y, lo, k, h, step_rtol, step_atol, noise)
         accept = err <= 1.0
         y = _select(accept, y1, y)
+        lo = _select_lo(accept, lo1, lo)
         done = jax.lax.cond(accept, lambda: is_done(y), lambda: jnp.zeros((), bool))
-        return (jnp.where(accept, tau + h, tau), y, _select(accept, ks[-1], k),
+        return (jnp.where(accept, tau + h, tau), y, lo, _select(accept, ks[-1], k),
                 _next_h(h, err, accept), n + 1, done, ok & jnp.isfinite(err))
 
-    init = (tau0, y0, k0, h0, jnp.zeros((), jnp.int32), is_done(y0), jnp.ones((), bool))
-    tau, y, _, _, n, done, ok = jax.lax.while_loop(cond, body, init)
+    init = (tau0, y0, lo0, k0, h0, jnp.zeros((), jnp.int32), is_done(y0), jnp.ones((), bool))
+    tau, y, lo, _, _, n, done, ok = jax.lax.while_loop(cond, body, init)
     code = jnp.where(done, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)
-    return y, SolveInfo(done, tau, n, 6 * n + 2, code)
+    return _with_lo(y, lo), SolveInfo(done, tau, n, 6 * n + 2, code)
 
 
 #: Finite-time solves keep Tsit5's local error estimate to this fraction of the tolerance.
@@ -297,41 +406,103 @@ def step_tolerances(rtol: float, atol: float, dtype: Any) -> tuple[float, float]
     return rtol * scale, atol * scale
 
 
-class Tsit5(DiffraxSolver):
-    """Tsitouras' explicit 5(4) Runge-Kutta method.
+class _OwnLoopSolver(DiffraxSolver):
+    """An explicit 5(4) pair that runs in this module's own loop for concrete inputs.
 
-    Cheap steps; efficient while the problem is not stiff (cross-entropy once
-    the softmax saturates, short horizons). With ``differentiable=True``
-    (default) it runs in ``diffrax.diffeqsolve`` (reverse-mode differentiable,
-    used under JAX transformations); predictors switch to this module's own
-    loop (``differentiable=False``, :meth:`for_concrete_inputs`) when their
-    inputs are concrete arrays, where nothing can be differentiated. Finite-time
-    steps are controlled to a third of the tolerances (:func:`step_tolerances`).
+    With ``differentiable=True`` (default) it runs in ``diffrax.diffeqsolve``
+    (reverse-mode differentiable, used under JAX transformations); predictors switch to
+    the own loop (``differentiable=False``, :meth:`for_concrete_inputs`) when their
+    inputs are concrete arrays, where nothing can be differentiated. In single
+    precision the own loop carries the state compensated (:func:`integrate`).
     """
 
-    name: ClassVar[str] = "tsit5"
+    tableau: ClassVar[Tableau]
+    #: The same method in diffrax (under transformations).
+    diffrax_method: ClassVar[type[dfx.AbstractSolver]]
     differentiable: bool = eqx.field(default=True, static=True)
 
     def diffrax_solver(self, rtol: float, atol: float, dtype: Any) -> dfx.AbstractSolver:
         del rtol, atol, dtype
-        return dfx.Tsit5()
+        return self.diffrax_method()
 
-    def for_concrete_inputs(self) -> Tsit5:
-        return Tsit5(differentiable=False)
+    def for_concrete_inputs(self) -> _OwnLoopSolver:
+        return type(self)(differentiable=False)
+
+    def step_tolerances(self, rtol: float, atol: float, dtype: Any) -> tuple[float, float]:
+        """The tolerances finite-time steps are controlled to."""
+        del dtype
+        return rtol, atol
 
     def integrate(self, dynamics, y0, taus, *, rtol, atol, max_steps):
-        rtol, atol = step_tolerances(rtol, atol, y0.f.dtype)
+        rtol, atol = self.step_tolerances(rtol, atol, y0.f.dtype)
         if self.differentiable:
             return super().integrate(dynamics, y0, taus, rtol=rtol, atol=atol,
                                      max_steps=max_steps)
-        return integrate(dynamics, y0, taus, rtol=rtol, atol=atol, max_steps=max_steps)
+        return integrate(dynamics, y0, taus, rtol=rtol, atol=atol, max_steps=max_steps,
+                         tableau=self.tableau)
 
     def converge(self, dynamics, y0, tau0, eigen, *, rtol, atol, max_steps, active=None):
         if self.differentiable:
             return super().converge(dynamics, y0, tau0, eigen, rtol=rtol, atol=atol,
                                     max_steps=max_steps, active=active)
         return converge(dynamics, y0, tau0, eigen, rtol=rtol, atol=atol, max_steps=max_steps,
-                        active=active)
+                        active=active, tableau=self.tableau)
+
+
+class Tsit5(_OwnLoopSolver):
+    """Tsitouras' explicit 5(4) Runge-Kutta method.
+
+    Cheap steps; efficient while the problem is not stiff (cross-entropy once
+    the softmax saturates, short horizons); ``auto``'s explicit method in double
+    precision. Finite-time steps are controlled to a third of the tolerances
+    (:func:`step_tolerances`).
+    """
+
+    name: ClassVar[str] = "tsit5"
+    tableau: ClassVar[Tableau] = TSIT5
+    diffrax_method: ClassVar[type[dfx.AbstractSolver]] = dfx.Tsit5
+
+    def step_tolerances(self, rtol: float, atol: float, dtype: Any) -> tuple[float, float]:
+        return step_tolerances(rtol, atol, dtype)
+
+
+class Dopri5(_OwnLoopSolver):
+    """Dormand-Prince 5(4), the method of neural-tangents' ``odeint``, at the user's
+    tolerances; ``auto``'s explicit method in single precision.
+
+    In float32 its steps carry less round-off than Tsit5's: the solution weights sum
+    to 1.64 in magnitude, against Tsit5's 7.6, which multiply the stage derivatives'
+    round-off. Measured (float32, n = 256, cross-entropy, mid horizon, errors against
+    a float64 solve from the same float32 inputs, compensated state and read-out):
+    train error 6.3e-6 against Tsit5's 3.3e-5, test 4.6e-6 against 1.3e-5, at 280 steps
+    against 269 (the predecessor: 7.2e-6 and 7.9e-6).
+    """
+
+    name: ClassVar[str] = "dopri5"
+    tableau: ClassVar[Tableau] = DOPRI5
+    diffrax_method: ClassVar[type[dfx.AbstractSolver]] = dfx.Dopri5
+
+    def step_tolerances(self, rtol: float, atol: float, dtype: Any) -> tuple[float, float]:
+        r"""The user's tolerances in double precision; in single precision both scaled by
+        :math:`\max(1/10, \min(1, \epsilon / \text{rtol}))`, a tenth but not below
+        ``eps``.
+
+        The predecessor's default tolerance (1.4e-8) lies below float32's epsilon, so
+        its float32 solves are limited by round-off, not by their steps; float32's
+        default here (1e-6, 8 eps) left a truncation error above theirs at short
+        horizons. With the compensated state, steps controlled to ``eps`` reach the
+        round-off floor: measured (n = 256, errors against float64 solves from the
+        unrounded inputs) cross-entropy at S = 10 1.7e-6 -> 7.5e-7 (the predecessor
+        7.5e-7), log-cosh 1.1e-6 -> 1.6e-7 (1.0e-7), cross-entropy mid horizon 2.2e-5 ->
+        1.8e-5 (2.2e-5), for 2-20% more time; a third of ``eps`` gave 9e-8 for log-cosh
+        but 1.4x the time at S = 10.
+        """
+        if not compensate(dtype):
+            return rtol, atol
+        eps = float(jnp.finfo(dtype).eps)
+        scale = max(0.1, min(1.0, eps / rtol))
+        return rtol * scale, atol * scale
 
 
 SOLVERS[Tsit5.name] = Tsit5
+SOLVERS[Dopri5.name] = Dopri5

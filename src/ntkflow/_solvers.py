@@ -31,7 +31,6 @@ from ntkflow._eigen import Eigen
 __all__ = [
     "AbstractSolver",
     "DiffraxSolver",
-    "Dopri5",
     "Kvaerno5",
     "SolveInfo",
     "SOLVERS",
@@ -326,16 +325,6 @@ class DiffraxSolver(AbstractSolver):
         return y, info
 
 
-class Dopri5(DiffraxSolver):
-    """Dormand-Prince 5(4), the method of neural-tangents' ``odeint``."""
-
-    name: ClassVar[str] = "dopri5"
-
-    def diffrax_solver(self, rtol: float, atol: float, dtype: Any) -> dfx.AbstractSolver:
-        del rtol, atol, dtype
-        return dfx.Dopri5()
-
-
 class Kvaerno5(DiffraxSolver):
     """diffrax's implicit ESDIRK 5(4) method with a dense Jacobian (small problems only)."""
 
@@ -362,8 +351,8 @@ class Kvaerno5(DiffraxSolver):
 
 
 SOLVERS: dict[str, type[AbstractSolver]] = {
-    cls.name: cls for cls in (Dopri5, Kvaerno5)
+    cls.name: cls for cls in (Kvaerno5,)
 }
 """Solver names accepted by ``gradient_descent(..., solver=...)`` (``"tsit5"``,
-``"expo"`` and ``"rodas5p"`` are registered by :mod:`ntkflow._explicit`,
+``"dopri5"``, ``"expo"`` and ``"rodas5p"`` are registered by :mod:`ntkflow._explicit`,
 :mod:`ntkflow._expo` and :mod:`ntkflow._rosenbrock`)."""

@@ -542,15 +542,18 @@ def gradient_descent(
         problems) or a solver instance. ``"auto"`` picks a Chebyshev expansion
         of the exact solution for the MSE at short horizons; for stiff requests
         and ``t = inf``, ``"expo"`` (isotropic loss curvature, e.g. MSE) or
-        ``"rodas5p"`` (other regression losses), and ``"tsit5"`` otherwise
-        (always under JAX transformations); see :mod:`ntkflow._auto`. ``"expo"``
+        ``"rodas5p"`` (other regression losses), and an explicit method
+        otherwise (always under JAX transformations): ``"tsit5"`` in float64,
+        ``"dopri5"`` in float32; see :mod:`ntkflow._auto`. ``"expo"``
         and ``"rodas5p"`` are not reverse-mode differentiable (``jax.grad``:
-        use ``"auto"`` or ``"tsit5"``).
+        use ``"auto"``, ``"tsit5"`` or ``"dopri5"``).
       rtol, atol: keyword-only tolerances of the adaptive solver (default
         ``1.4e-8`` in float64, as neural-tangents; ``1e-6`` in float32). Tsit5
         controls its finite-time steps to a third of them, for about
         neural-tangents' accuracy at the same tolerances (see
-        :func:`ntkflow._explicit.step_tolerances`).
+        :func:`ntkflow._explicit.step_tolerances`); in float32 Dopri5 to a tenth,
+        not below ``eps``, where its compensated state reaches the round-off floor
+        (:meth:`ntkflow._explicit.Dopri5.step_tolerances`).
       max_steps: keyword-only; the solver gives up (with an error) after this
         many steps.
 
