@@ -81,13 +81,24 @@ def dw_add(x: DoubleWord, y: DoubleWord) -> DoubleWord:
     return two_sum(s, e + (x[1] + y[1]))
 
 
+def _power_of_two_above(x: Array) -> Array:
+    """The power of two ``2^e`` with ``2^(e-1) <= x < 2^e`` for normal ``x > 0`` (1 for 0 and
+    subnormals), from the exponent bits (XLA's ``frexp``/``ldexp`` are slow on CPU)."""
+    info = jnp.finfo(x.dtype)
+    int_type = jnp.int32 if info.bits == 32 else jnp.int64
+    mantissa_bits = int(info.nmant)
+    exponent_mask = ((1 << (info.bits - 1)) - 1) & ~((1 << mantissa_bits) - 1)
+    floor = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(x, int_type) & exponent_mask, x.dtype)
+    return jnp.where(floor > 0, 2 * floor, jnp.ones_like(floor))
+
+
 def _split(x: Array, axis: int, bits: int) -> tuple[Array, Array]:
-    """``x = hi + lo`` exactly, ``hi`` a multiple of ``2^(e - bits)`` where ``2^e`` bounds
-    ``|x|`` along ``axis`` (so ``|hi| / unit <= 2^bits``)."""
-    top = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-    _, e = jnp.frexp(top)  # top <= 2^e
-    shift = bits - e
-    hi = jnp.ldexp(jnp.round(jnp.ldexp(x, shift)), -shift)
+    """``x = hi + lo`` exactly, ``hi`` a multiple of ``unit = 2^(e - bits)`` where ``2^e``
+    bounds ``|x|`` along ``axis`` (so ``|hi| / unit <= 2^bits``); scalings by powers of two
+    and rounding to integers are exact."""
+    unit = _power_of_two_above(jnp.max(jnp.abs(x), axis=axis, keepdims=True)) * 2.0**-bits
+    hi = jnp.round(x * (1 / unit)) * unit
     return hi, x - hi
 
 
