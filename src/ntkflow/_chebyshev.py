@@ -134,10 +134,9 @@ class Chebyshev(AbstractSolver):
             f = f0[None] - jnp.moveaxis(ks1.reshape(rows, m, cols), 1, 0)
         if dynamics.with_test:
             base = jnp.zeros_like(f0) if y0.s1 is None else y0.s1
-            ys = FlatState(f, None, base[None] + s1, None)
-            if s1_lo is not None:  # the same structure as the eigenbasis solvers' states
-                ys = FlatState(f, None, ys.s1, None,
-                               FlatState(jnp.zeros_like(f), None, s1_lo, None))
+            # (low-order parts: the same structure as the eigenbasis solvers' states)
+            lo = None if s1_lo is None else FlatState(jnp.zeros_like(f), None, s1_lo, None)
+            ys = FlatState(f, None, base[None] + s1, None, lo)
         else:
             ys = FlatState(f, None, None, None)
         finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(s1))

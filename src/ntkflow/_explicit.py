@@ -25,10 +25,11 @@ solver-agnostic bookkeeping, has a price on small, cheap steps). ``lax.while_loo
 reverse-mode differentiable, so :class:`Tsit5` and :class:`Dopri5` use this loop
 for concrete inputs only and diffrax's under JAX transformations.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import diffrax as dfx
 import equinox as eqx
@@ -52,6 +53,7 @@ from ntkflow._solvers import (
 __all__ = ["Dopri5", "Tsit5", "Tableau", "integrate", "converge", "step_tolerances"]
 
 _EXPONENT = 5.0  # embedded order 4: error ~ h^5
+_T = TypeVar("_T")
 
 # Butcher tableau: stage i (1..6) uses _A[i - 1] times the derivatives of stages 0..i-1;
 # stage 6 is the solution (first same as last: its derivative starts the next step).
@@ -262,15 +264,9 @@ def _next_h(h: Array, err: Array, accepted: Array) -> Array:
     return next_step_size(h, err, _EXPONENT, grow=accepted)
 
 
-def _select(pred: Array, a: FlatState, b: FlatState) -> FlatState:
+def _select(pred: Array, a: _T, b: _T) -> _T:
+    """``a`` where ``pred``, else ``b``, leaf by leaf (``None`` stays ``None``)."""
     return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
-
-
-def _select_lo(pred: Array, a: FlatState | None, b: FlatState | None) -> FlatState | None:
-    """:func:`_select` for low-order parts (``None`` in an uncompensated loop)."""
-    if a is None or b is None:
-        return None
-    return _select(pred, a, b)
 
 
 def integrate(dyn: Dynamics, y0: FlatState, taus: Float[Array, " m"], *, rtol: float,
@@ -284,12 +280,13 @@ def integrate(dyn: Dynamics, y0: FlatState, taus: Float[Array, " m"], *, rtol: f
     m = taus.shape[0]
     t_end = taus[-1]
     y0, lo0 = _split_lo(y0, compensate(y0.f.dtype))
-    saved = jax.tree.map(lambda a: jnp.zeros((m,) + a.shape, a.dtype), _with_lo(y0, lo0))
+    start_state = _with_lo(y0, lo0)
+    saved = jax.tree.map(lambda a: jnp.zeros((m,) + a.shape, a.dtype), start_state)
     # Times at the start are the initial state.
     start = jnp.sum(taus <= 0).astype(jnp.int32)
     saved = jax.tree.map(
         lambda s, v: jnp.where((jnp.arange(m) < start).reshape((-1,) + (1,) * v.ndim), v[None], s),
-        saved, _with_lo(y0, lo0),
+        saved, start_state,
     )
     k0 = dyn.vector_field(jnp.zeros((), taus.dtype), y0)
     h0 = _initial_h(dyn, y0, k0, rtol, atol)
@@ -328,7 +325,7 @@ def integrate(dyn: Dynamics, y0: FlatState, taus: Float[Array, " m"], *, rtol: f
         )
         return (
             jnp.where(accept, tau1, tau), _select(accept, y1, y),
-            _select_lo(accept, lo1, lo), _select(accept, ks[-1], k),
+            _select(accept, lo1, lo), _select(accept, ks[-1], k),
             _next_h(h, err, accept), i, saved, n + 1, ok & jnp.isfinite(err),
         )
 
@@ -361,7 +358,7 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
         y1, lo1, ks, err = _step(dyn, tableau, y, lo, k, h, step_rtol, step_atol, noise)
         accept = err <= 1.0
         y = _select(accept, y1, y)
-        lo = _select_lo(accept, lo1, lo)
+        lo = _select(accept, lo1, lo)
         done = jax.lax.cond(accept, lambda: is_done(y), lambda: jnp.zeros((), bool))
         return (jnp.where(accept, tau + h, tau), y, lo, _select(accept, ks[-1], k),
                 _next_h(h, err, accept), n + 1, done, ok & jnp.isfinite(err))
@@ -401,8 +398,15 @@ def step_tolerances(rtol: float, atol: float, dtype: Any) -> tuple[float, float]
     the trajectory, so earlier step errors decay, and the convergence test sets the
     accuracy of the limit.
     """
-    floor = _ROUNDOFF_EPS * float(jnp.finfo(dtype).eps)
-    scale = max(_LOCAL_FRACTION, min(1.0, floor / rtol))
+    return _scaled_tolerances(rtol, atol, dtype, _LOCAL_FRACTION, _ROUNDOFF_EPS)
+
+
+def _scaled_tolerances(rtol: float, atol: float, dtype: Any, fraction: float,
+                       roundoff_eps: float) -> tuple[float, float]:
+    """Both tolerances scaled by ``max(fraction, min(1, roundoff_eps * eps / rtol))``: a
+    fraction of them, but not below ``roundoff_eps`` float epsilons."""
+    floor = roundoff_eps * float(jnp.finfo(dtype).eps)
+    scale = max(fraction, min(1.0, floor / rtol))
     return rtol * scale, atol * scale
 
 
@@ -499,9 +503,7 @@ class Dopri5(_OwnLoopSolver):
         """
         if not compensate(dtype):
             return rtol, atol
-        eps = float(jnp.finfo(dtype).eps)
-        scale = max(0.1, min(1.0, eps / rtol))
-        return rtol * scale, atol * scale
+        return _scaled_tolerances(rtol, atol, dtype, 0.1, 1.0)
 
 
 SOLVERS[Tsit5.name] = Tsit5
