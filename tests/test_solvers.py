@@ -109,6 +109,71 @@ def test_own_explicit_loop_matches_diffrax(momentum, solver):
     assert rel_err(own[0][1], f0) == 0.0  # t = 0: the initial outputs
 
 
+@pytest.mark.parametrize("momentum", [None, 0.9])
+@pytest.mark.parametrize("with_test", [False, True])
+def test_transposed_vector_field_is_the_transpose(momentum, with_test):
+    """The explicit loop's field on transposed arrays is the transpose of the vector field,
+    also for a layout whose traced axis is not the last one (the loss sees its shapes)."""
+    rng = np.random.default_rng(3)
+    y = jnp.asarray(rng.standard_normal((6, 3, 2)), DTYPE)  # traced axis 1: flat (12, 3)
+    layout = make_layout(y.shape, (1,))
+    a = jnp.asarray(rng.standard_normal((12, 12)), DTYPE)
+    calls = []
+
+    def loss(fx, y_hat):
+        calls.append(fx.shape)
+        classes = jax.nn.softmax(y_hat, axis=1)  # a reduction over the traced axis
+        return log_cosh(fx, y_hat) - jnp.mean(jax.nn.log_softmax(fx, axis=1) * classes)
+
+    damping = None if momentum is None else jnp.asarray(momentum - 1.0, DTYPE)
+    dyn = Dynamics(a @ a.T, FlatLoss(loss, layout, (6, 2)), y, damping, with_test)
+    f = jnp.asarray(rng.standard_normal((12, 3)), DTYPE)
+    state = dyn.initial_state(f, None if momentum is None else 0.5 * f)
+    if with_test:
+        state = jax.tree.map(lambda x: x + 0.1, state)
+    tau = jnp.zeros((), DTYPE)
+    want = dyn.vector_field(tau, state)
+    got = jax.jit(lambda s: dyn.transposed()(tau, s))(jax.tree.map(lambda x: x.T, state))
+    assert all(shape == y.shape for shape in calls)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.shape == w.T.shape
+        assert rel_err(g.T, w) < (1e-13 if X64 else 1e-5)
+
+
+@pytest.mark.parametrize("t", [7.0, None])
+def test_explicit_loop_in_either_layout_gives_the_same_solve(monkeypatch, t):
+    """The own loop on transposed arrays (2-16 outputs per row on CPU) and on the flat
+    layout: the same steps and outputs up to round-off, at a finite time and at the end
+    of training (which converges with the flat layout's end-of-training test)."""
+    from ntkflow import _explicit
+
+    k_tt, k_st, _, f0, ft0 = _stiff_problem(cond=1e2)
+    y = jax.nn.one_hot(jnp.arange(k_tt.shape[0]) % 3, 3, dtype=DTYPE)
+    loss = cross_entropy if t is not None else log_cosh
+    results = {}
+    for layout in ("transposed", "flat"):
+        if layout == "flat":
+            monkeypatch.setattr(_explicit, "_field", lambda dyn, y0: (dyn.vector_field, False))
+        infos = []
+        monkeypatch.setattr(nt.predict, "solve_at", _recording(nt.predict.solve_at, infos))
+        for solver in ("tsit5", "dopri5"):
+            predict = nt.predict.gradient_descent(loss, k_tt, y, solver=solver)
+            results[layout, solver] = (predict(t, f0, ft0, k_st), infos[-1].num_steps)
+    for solver in ("tsit5", "dopri5"):
+        (a, n_a), (b, n_b) = results["transposed", solver], results["flat", solver]
+        assert abs(int(n_a) - int(n_b)) <= 1
+        for x, z in zip(a, b, strict=True):
+            assert rel_err(x, z) < (1e-10 if X64 else 1e-4)
+
+
+def _recording(solve_at, infos):
+    def wrapped(*args, **kwargs):
+        outputs, info = solve_at(*args, **kwargs)
+        infos.append(info)
+        return outputs, info
+    return wrapped
+
+
 @pytest.mark.parametrize("tableau", [TSIT5, DOPRI5], ids=["tsit5", "dopri5"])
 def test_own_explicit_dense_output_is_accurate_and_free(tableau):
     """Many output times cost no extra steps (continuous extension) and stay accurate."""

@@ -140,7 +140,10 @@ def _rayleigh_quotients(dynamics: Dynamics, f: Array) -> Array:
     """Rayleigh quotients of the loss Hessian at ``f`` along the gradient and four fixed
     pseudo-random directions (the gradient's replaced by the first of those if it is 0)."""
     g = dynamics.grad_fn(f)
-    dirs = jax.random.normal(jax.random.PRNGKey(0), (4,) + f.shape, f.dtype)
+    # Constants of the program, not work per call: generating them at run time took 0.26
+    # ms of a 0.41 ms classification (cross-entropy, n = 256, float32).
+    with jax.ensure_compile_time_eval():
+        dirs = jax.random.normal(jax.random.PRNGKey(0), (4,) + f.shape, f.dtype)
     dirs = jnp.concatenate([g[None], dirs])
 
     def rayleigh(v: Array) -> Array:
@@ -170,7 +173,8 @@ def isotropic_quadratic(dynamics: Dynamics, f: Array, rtol: float = 1e-3) -> Arr
     everywhere: log-cosh with targets of equal magnitude (e.g. ``+-1``) starting from ``f =
     0`` has the same curvature in every entry there, and not elsewhere.
     """
-    u = jax.random.normal(jax.random.PRNGKey(1), f.shape, f.dtype)
+    with jax.ensure_compile_time_eval():
+        u = jax.random.normal(jax.random.PRNGKey(1), f.shape, f.dtype)
     f1 = f + jnp.maximum(1.0, rms(f)) * u
     q = jnp.concatenate([_rayleigh_quotients(dynamics, f), _rayleigh_quotients(dynamics, f1)])
     return _agree(q, rtol)

@@ -38,11 +38,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ntkflow._axes import Layout, outputs_from_2d
+from ntkflow._axes import Layout, outputs_from_2d, outputs_to_2d
 from ntkflow._compensated import compensate, dot2
 from ntkflow._eigen import Eigen, matmul, phi1
 
-__all__ = ["FlatState", "FlatLoss", "Dynamics", "rms", "rayleigh_curvature"]
+__all__ = ["FlatState", "FlatLoss", "Dynamics", "TransposedField", "rms", "rayleigh_curvature"]
 
 
 def rms(x: Array) -> Array:
@@ -146,7 +146,11 @@ class Dynamics(eqx.Module):
     def vector_field(self, tau: Float[Array, ""], y: FlatState, args: object = None) -> FlatState:
         del tau, args
         g = self.grad_fn(y.f)
-        kg = matmul(self.k, self.k, g)  # K is symmetric
+        return self.field(y, g, matmul(self.k, self.k, g))  # K is symmetric
+
+    def field(self, y: FlatState, g: Array, kg: Array) -> FlatState:
+        """The vector field at ``y`` given its loss gradient ``g`` and ``kg = K g``
+        (entrywise otherwise, so it holds for transposed arrays too)."""
         if not self.momentum:
             return FlatState(-kg, None, g if self.with_test else None, None)
         assert y.q is not None and self.damping is not None
@@ -155,6 +159,11 @@ class Dynamics(eqx.Module):
             return FlatState(y.q, dq, None, None)
         assert y.s1 is not None
         return FlatState(y.q, dq, g + self.damping * y.s1, y.s1)
+
+    def transposed(self) -> TransposedField:
+        """The vector field on transposed arrays (see :class:`TransposedField`)."""
+        return TransposedField(self, jax.lax.optimization_barrier(
+            outputs_to_2d(self.y, self.loss.layout).T))
 
     def rate(self, y: FlatState) -> tuple[Array, Array]:
         """``(F', L')``: output velocity and loss rate, for convergence tests."""
@@ -198,3 +207,35 @@ class Dynamics(eqx.Module):
         f_test = minus_k_test(f_test0[None] + phi * q_test0[None], ys.s2,
                               None if lo is None else lo.s2)
         return f_test, q_test
+
+
+class TransposedField(eqx.Module):
+    r"""The vector field of :class:`Dynamics` on transposed flat arrays, shape ``(traced,
+    rows)``: ``field(tau, y^T) = vector_field(tau, y)^T`` (``y^T``: every field
+    transposed).
+
+    On CPU XLA vectorizes along an array's last axis, which in the flat layout ``(rows,
+    traced)`` holds a handful of outputs (e.g. 10 classes): the loss gradient's
+    entrywise functions and its reductions over the classes run nearly scalar there,
+    and the kernel product needs two transposes (:func:`ntkflow._eigen.matmul`). On
+    transposed arrays the last axis holds the rows and the product is ``G^T K`` (``K``
+    symmetric). The loss still sees its usual shapes, ``F = (F^T)^T`` and the targets
+    from their transposed copy ``targets_t`` (made once), as views XLA fuses into the
+    gradient. Measured (10 classes, n = 256): one loss gradient 24 -> 5.5 us for
+    log-cosh, 6.1 -> 3.2 us for cross-entropy (float32); solves of ntkflow's explicit
+    loop (cross-entropy at S = 10 and 1000 and log-cosh at S = 10 with n = 256,
+    cross-entropy at S = 10 with n = 1024) take 22-54% less time in float32 and 9-15%
+    less in float64, with the same steps.
+    """
+
+    dynamics: Dynamics
+    targets_t: Array
+
+    def __call__(self, tau: Float[Array, ""], y_t: FlatState) -> FlatState:
+        del tau
+        dyn = self.dynamics
+        f = y_t.f.T
+        targets = outputs_from_2d(self.targets_t.T, dyn.loss.layout, dyn.loss.rows_shape)
+        g = dyn.loss.grad(f, targets)
+        g_t = jax.lax.optimization_barrier(g.T)  # materialized, as the product wants it
+        return dyn.field(y_t, g_t, g_t @ dyn.k)

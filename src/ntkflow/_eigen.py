@@ -18,7 +18,7 @@ from jaxtyping import Array, Bool, Float
 
 from ntkflow._typing import is_concrete
 
-__all__ = ["Eigen", "add_diagonal_regularizer", "matmul", "phi1"]
+__all__ = ["Eigen", "add_diagonal_regularizer", "matmul", "phi1", "transposed_products"]
 
 
 #: :func:`matmul` multiplies as ``(x^T a^T)^T`` for ``x`` with this many columns, ...
@@ -39,15 +39,21 @@ def matmul(a: Float[Array, "n m"], a_t: Float[Array, "m n"], x: Array) -> Array:
     and 1024; no gain for one column, or above 16 columns or 2048 rows).
     Elsewhere it is ``a @ x``. The two agree to round-off.
     """
-    k = x.shape[1] if x.ndim == 2 else 0
-    if (
-        jax.default_backend() != "cpu"
-        or not TRANSPOSED_COLUMNS[0] <= k <= TRANSPOSED_COLUMNS[1]
-        or a.shape[0] > TRANSPOSED_MAX_ROWS
-    ):
+    if x.ndim != 2 or not transposed_products(a.shape[0], x.shape[1]):
         return a @ x
     x_t = jax.lax.optimization_barrier(x.T)
     return jax.lax.optimization_barrier(x_t @ a_t).T
+
+
+def transposed_products(rows: int, columns: int) -> bool:
+    """Whether :func:`matmul` multiplies an ``(rows, rows)`` kernel with ``(rows,
+    columns)`` arrays as ``(x^T a^T)^T`` (see there): on CPU, for 2-16 columns and at
+    most 2048 rows."""
+    return (
+        jax.default_backend() == "cpu"
+        and TRANSPOSED_COLUMNS[0] <= columns <= TRANSPOSED_COLUMNS[1]
+        and rows <= TRANSPOSED_MAX_ROWS
+    )
 
 
 def add_diagonal_regularizer(

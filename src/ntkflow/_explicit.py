@@ -12,6 +12,11 @@ standard step-size controller :math:`h_{n+1} = h_n \min(10, \max(0.2,
 requested times by the methods' continuous extensions (order 4), so the
 number of output times does not change the steps taken.
 
+Where the kernel products are faster so (on CPU, 2-16 outputs per row: e.g. 10
+classes), the loop works on transposed arrays, ``(outputs, rows)``
+(:class:`ntkflow._dynamics.TransposedField`): the loss gradient and the state updates
+then vectorize along the rows, and the product ``G^T K`` needs no transposes.
+
 In single precision the loop carries the state compensated, as an unevaluated sum
 ``hi + lo`` (:mod:`ntkflow._compensated`): each step's increment joins ``lo`` and one
 error-free addition moves what fits into ``hi``. Float32's round-off then no longer
@@ -41,7 +46,7 @@ from jaxtyping import Array, Float
 from ntkflow._adaptive import next_step_size
 from ntkflow._compensated import compensate, two_sum
 from ntkflow._dynamics import Dynamics, FlatState
-from ntkflow._eigen import Eigen
+from ntkflow._eigen import Eigen, transposed_products
 from ntkflow._solvers import (
     SOLVERS,
     DiffraxSolver,
@@ -54,6 +59,7 @@ __all__ = ["Dopri5", "Tsit5", "Tableau", "integrate", "converge", "step_toleranc
 
 _EXPONENT = 5.0  # embedded order 4: error ~ h^5
 _T = TypeVar("_T")
+_Field = Callable[[Array, FlatState], FlatState]
 
 # Butcher tableau: stage i (1..6) uses _A[i - 1] times the derivatives of stages 0..i-1;
 # stage 6 is the solution (first same as last: its derivative starts the next step).
@@ -214,8 +220,8 @@ def _roundoff(dyn: Dynamics, y0: FlatState, tableau: Tableau) -> FlatState:
     return FlatState(zero, knoise, s1, None if y0.s2 is None else zero)
 
 
-def _step(dyn: Dynamics, tableau: Tableau, y: FlatState, lo: FlatState | None, k0: FlatState,
-          h: Array, rtol: float, atol: float, noise: FlatState | None = None
+def _step(field: _Field, tableau: Tableau, y: FlatState, lo: FlatState | None,
+          k0: FlatState, h: Array, rtol: float, atol: float, noise: FlatState | None = None
           ) -> tuple[FlatState, FlatState | None, list[FlatState], Array]:
     """One step from the (possibly compensated) state ``y + lo``: the new state and its
     low-order part, the 7 stage derivatives and the scaled error (``noise``: the
@@ -223,9 +229,9 @@ def _step(dyn: Dynamics, tableau: Tableau, y: FlatState, lo: FlatState | None, k
     tau = jnp.zeros((), h.dtype)  # the dynamics are autonomous
     ks = [k0]
     for row in tableau.a[:-1]:
-        ks.append(dyn.vector_field(tau, _combine(y, ks, row, h)))
+        ks.append(field(tau, _combine(y, ks, row, h)))
     y1, lo1 = _add_compensated(y, lo, ks, tableau.a[-1], h)
-    ks.append(dyn.vector_field(tau, y1))
+    ks.append(field(tau, y1))
     err = _combine(jax.tree.map(jnp.zeros_like, y), ks, tableau.e, h)
     floor = None if noise is None else jax.tree.map(lambda v: h * v, noise)
     return y1, lo1, ks, _error_ratio(err, y, y1, rtol, atol, floor)
@@ -244,14 +250,15 @@ def _with_lo(y: FlatState, lo: FlatState | None) -> FlatState:
     return FlatState(y.f, y.q, y.s1, y.s2, lo)
 
 
-def _initial_h(dyn: Dynamics, y0: FlatState, k0: FlatState, rtol: float, atol: float) -> Array:
+def _initial_h(field: _Field, y0: FlatState, k0: FlatState, rtol: float, atol: float
+               ) -> Array:
     """Hairer, Norsett & Wanner's starting step size (one extra vector-field evaluation)."""
     def norm(x: FlatState) -> Array:
         return _error_ratio(x, y0, y0, rtol, atol)
 
     d0, d1 = norm(y0), norm(k0)
     h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / jnp.where(d1 > 0, d1, 1.0))
-    k1 = dyn.vector_field(h0, _combine(y0, [k0], (1.0,), h0))
+    k1 = field(h0, _combine(y0, [k0], (1.0,), h0))
     d2 = norm(jax.tree.map(jnp.subtract, k1, k0)) / h0
     big = jnp.maximum(d1, d2)
     h1 = jnp.where(big <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3),
@@ -262,6 +269,20 @@ def _initial_h(dyn: Dynamics, y0: FlatState, k0: FlatState, rtol: float, atol: f
 def _next_h(h: Array, err: Array, accepted: Array) -> Array:
     """The shared controller; no growth right after a rejected step."""
     return next_step_size(h, err, _EXPONENT, grow=accepted)
+
+
+def _transpose(y: _T) -> _T:
+    """Every array in ``y`` with its last two axes swapped."""
+    return jax.tree.map(lambda a: jnp.swapaxes(a, -1, -2), y)
+
+
+def _field(dyn: Dynamics, y0: FlatState) -> tuple[_Field, bool]:
+    """``(vector field, transposed)``: the loop's vector field, on transposed arrays
+    (:class:`ntkflow._dynamics.TransposedField`) where the kernel products are faster so
+    (:func:`ntkflow._eigen.transposed_products`)."""
+    if transposed_products(*y0.f.shape):
+        return dyn.transposed(), True
+    return dyn.vector_field, False
 
 
 def _select(pred: Array, a: _T, b: _T) -> _T:
@@ -280,6 +301,9 @@ def integrate(dyn: Dynamics, y0: FlatState, taus: Float[Array, " m"], *, rtol: f
     m = taus.shape[0]
     t_end = taus[-1]
     y0, lo0 = _split_lo(y0, compensate(y0.f.dtype))
+    field, transposed = _field(dyn, y0)
+    if transposed:
+        y0, lo0 = _transpose((y0, lo0))
     start_state = _with_lo(y0, lo0)
     saved = jax.tree.map(lambda a: jnp.zeros((m,) + a.shape, a.dtype), start_state)
     # Times at the start are the initial state.
@@ -288,8 +312,8 @@ def integrate(dyn: Dynamics, y0: FlatState, taus: Float[Array, " m"], *, rtol: f
         lambda s, v: jnp.where((jnp.arange(m) < start).reshape((-1,) + (1,) * v.ndim), v[None], s),
         saved, start_state,
     )
-    k0 = dyn.vector_field(jnp.zeros((), taus.dtype), y0)
-    h0 = _initial_h(dyn, y0, k0, rtol, atol)
+    k0 = field(jnp.zeros((), taus.dtype), y0)
+    h0 = _initial_h(field, y0, k0, rtol, atol)
 
     def record(i: Array, saved: FlatState, tau: Array, h: Array, y: FlatState,
                lo: FlatState | None, y1: FlatState, ks: list[FlatState], tau1: Array
@@ -316,7 +340,7 @@ def integrate(dyn: Dynamics, y0: FlatState, taus: Float[Array, " m"], *, rtol: f
     def body(c: tuple) -> tuple:
         tau, y, lo, k, h, i, saved, n, ok = c
         h = jnp.minimum(h, t_end - tau)
-        y1, lo1, ks, err = _step(dyn, tableau, y, lo, k, h, rtol, atol)
+        y1, lo1, ks, err = _step(field, tableau, y, lo, k, h, rtol, atol)
         accept = err <= 1.0
         tau1 = jnp.where(h >= t_end - tau, t_end, tau + h)
         i, saved = jax.lax.cond(
@@ -334,7 +358,7 @@ def integrate(dyn: Dynamics, y0: FlatState, taus: Float[Array, " m"], *, rtol: f
     tau, _, _, _, _, i, saved, n, ok = jax.lax.while_loop(cond, body, init)
     done = i >= m
     code = jnp.where(done, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)
-    return saved, SolveInfo(done, tau, n, 6 * n + 2, code)
+    return _transpose(saved) if transposed else saved, SolveInfo(done, tau, n, 6 * n + 2, code)
 
 
 def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: float,
@@ -343,11 +367,15 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
     """Steps from ``y0`` (at ``tau0``) until ``is_done`` (see ``_solvers.converged``); a
     compensated ``y0`` (one with low-order parts) stays compensated."""
     y0, lo0 = _split_lo(y0, y0.lo is not None)
-    is_done = end_of_training_test(dyn, eigen, y0, rtol, atol, active)
-    k0 = dyn.vector_field(tau0, y0)
-    step_rtol, step_atol = explicit_end_tolerances(dyn, rtol, atol)
-    h0 = _initial_h(dyn, y0, k0, step_rtol, step_atol)
+    test = end_of_training_test(dyn, eigen, y0, rtol, atol, active)
     noise = _roundoff(dyn, y0, tableau)
+    field, transposed = _field(dyn, y0)
+    orient = _transpose if transposed else lambda y: y  # the loop's layout <-> FlatState's
+    y0, lo0 = orient((y0, lo0))
+    is_done = lambda y: test(orient(y))  # noqa: E731
+    k0 = field(tau0, y0)
+    step_rtol, step_atol = explicit_end_tolerances(dyn, rtol, atol)
+    h0 = _initial_h(field, y0, k0, step_rtol, step_atol)
 
     def cond(c: tuple) -> Array:
         _, _, _, _, _, n, done, ok = c
@@ -355,7 +383,7 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
 
     def body(c: tuple) -> tuple:
         tau, y, lo, k, h, n, _, ok = c
-        y1, lo1, ks, err = _step(dyn, tableau, y, lo, k, h, step_rtol, step_atol, noise)
+        y1, lo1, ks, err = _step(field, tableau, y, lo, k, h, step_rtol, step_atol, noise)
         accept = err <= 1.0
         y = _select(accept, y1, y)
         lo = _select(accept, lo1, lo)
@@ -366,7 +394,7 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
     init = (tau0, y0, lo0, k0, h0, jnp.zeros((), jnp.int32), is_done(y0), jnp.ones((), bool))
     tau, y, lo, _, _, n, done, ok = jax.lax.while_loop(cond, body, init)
     code = jnp.where(done, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)
-    return _with_lo(y, lo), SolveInfo(done, tau, n, 6 * n + 2, code)
+    return _with_lo(*orient((y, lo))), SolveInfo(done, tau, n, 6 * n + 2, code)
 
 
 #: Finite-time solves keep Tsit5's local error estimate to this fraction of the tolerance.
