@@ -276,13 +276,14 @@ def _transpose(y: _T) -> _T:
     return jax.tree.map(lambda a: jnp.swapaxes(a, -1, -2), y)
 
 
-def _field(dyn: Dynamics, y0: FlatState) -> tuple[_Field, bool]:
-    """``(vector field, transposed)``: the loop's vector field, on transposed arrays
+def _field(dyn: Dynamics, y0: FlatState) -> tuple[_Field, Callable[[Any], Any]]:
+    """``(vector field, orient)``: the loop's vector field, on transposed arrays
     (:class:`ntkflow._dynamics.TransposedField`) where the kernel products are faster so
-    (:func:`ntkflow._eigen.transposed_products`)."""
+    (:func:`ntkflow._eigen.transposed_products`), and the map between the loop's layout
+    and the flat one (either way: a transpose or the identity)."""
     if transposed_products(*y0.f.shape):
-        return dyn.transposed(), True
-    return dyn.vector_field, False
+        return dyn.transposed(), _transpose
+    return dyn.vector_field, lambda y: y
 
 
 def _select(pred: Array, a: _T, b: _T) -> _T:
@@ -301,9 +302,8 @@ def integrate(dyn: Dynamics, y0: FlatState, taus: Float[Array, " m"], *, rtol: f
     m = taus.shape[0]
     t_end = taus[-1]
     y0, lo0 = _split_lo(y0, compensate(y0.f.dtype))
-    field, transposed = _field(dyn, y0)
-    if transposed:
-        y0, lo0 = _transpose((y0, lo0))
+    field, orient = _field(dyn, y0)
+    y0, lo0 = orient((y0, lo0))
     start_state = _with_lo(y0, lo0)
     saved = jax.tree.map(lambda a: jnp.zeros((m,) + a.shape, a.dtype), start_state)
     # Times at the start are the initial state.
@@ -358,7 +358,7 @@ def integrate(dyn: Dynamics, y0: FlatState, taus: Float[Array, " m"], *, rtol: f
     tau, _, _, _, _, i, saved, n, ok = jax.lax.while_loop(cond, body, init)
     done = i >= m
     code = jnp.where(done, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)
-    return _transpose(saved) if transposed else saved, SolveInfo(done, tau, n, 6 * n + 2, code)
+    return orient(saved), SolveInfo(done, tau, n, 6 * n + 2, code)
 
 
 def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: float,
@@ -369,8 +369,7 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
     y0, lo0 = _split_lo(y0, y0.lo is not None)
     test = end_of_training_test(dyn, eigen, y0, rtol, atol, active)
     noise = _roundoff(dyn, y0, tableau)
-    field, transposed = _field(dyn, y0)
-    orient = _transpose if transposed else lambda y: y  # the loop's layout <-> FlatState's
+    field, orient = _field(dyn, y0)
     y0, lo0 = orient((y0, lo0))
     is_done = lambda y: test(orient(y))  # noqa: E731
     k0 = field(tau0, y0)
