@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from ntkflow._compensated import DoubleWord, compensate, dot2, dw_add, two_prod
+from ntkflow._compensated import DoubleWord, compensate, dw_add, minus_product, two_prod
 from ntkflow._dynamics import FlatState, rms
 from ntkflow._eigen import matmul
 from ntkflow._solvers import AbstractSolver, SolveInfo
@@ -125,13 +125,7 @@ class Chebyshev(AbstractSolver):
 
         compensated = compensate(f0.dtype)
         s1, s1_lo = _expansion(k, g0, coef, degree, scale, compensated)
-        m, rows, cols = s1.shape
-        if compensated:  # f = f0 - K s1, whose terms can be far larger than f - f0
-            ks1, ks1_lo = dot2(k, s1, s1_lo)
-            f = (f0[None] - ks1) - ks1_lo
-        else:
-            ks1 = matmul(k, k, jnp.moveaxis(s1, 0, 1).reshape(rows, m * cols))
-            f = f0[None] - jnp.moveaxis(ks1.reshape(rows, m, cols), 1, 0)
+        f = minus_product(f0[None], k, s1, s1_lo)  # terms far larger than f - f0
         if dynamics.with_test:
             base = jnp.zeros_like(f0) if y0.s1 is None else y0.s1
             # (low-order parts: the same structure as the eigenbasis solvers' states)

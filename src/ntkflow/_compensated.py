@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-__all__ = ["DoubleWord", "compensate", "dot2", "dw_add", "two_prod", "two_sum"]
+__all__ = ["DoubleWord", "compensate", "dot2", "dw_add", "minus_product", "two_prod", "two_sum"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -139,3 +139,13 @@ def dot2(a: Array, x: Array, x_lo: Array | None = None) -> tuple[Array, Array]:
         small = small + jnp.matmul(jnp.concatenate([a_lo, a], axis=-1),
                                    jnp.concatenate([x, x_lo], axis=-2), precision=_HIGHEST)
     return two_sum(exact, small)
+
+
+def minus_product(base: Array, a: Array, x: Array, x_lo: Array | None = None) -> Array:
+    """``base - a @ (x + x_lo)`` for each leading index of ``x`` (shape ``(m, n, k)``): a
+    read-out such as ``F_test(0) - K_test S_1``, whose terms can be far larger than its
+    result, compensated (:func:`dot2`) in single precision and plain in double."""
+    if not compensate(a.dtype):
+        return base - jnp.einsum("pr,mrk->mpk", a, x if x_lo is None else x + x_lo)
+    hi, lo = dot2(a, x, x_lo)
+    return (base - hi) - lo

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ntkflow._axes import Layout, outputs_from_2d, outputs_to_2d
-from ntkflow._compensated import compensate, dot2
+from ntkflow._compensated import minus_product
 from ntkflow._eigen import Eigen, matmul, phi1
 
 __all__ = ["FlatState", "FlatLoss", "Dynamics", "TransposedField", "rms", "rayleigh_curvature"]
@@ -183,29 +183,21 @@ class Dynamics(eqx.Module):
         """Test outputs (and velocities) at times ``tau`` from saved states ``ys``.
 
         In single precision the products with ``k_test`` are compensated
-        (:func:`ntkflow._compensated.dot2`, with the states' low-order parts if kept):
-        their terms can be far larger than the result.
+        (:func:`ntkflow._compensated.minus_product`, with the states' low-order parts if
+        kept): their terms can be far larger than the result.
         """
         assert ys.s1 is not None
-
-        def minus_k_test(base: Array, s: Array, s_lo: Array | None) -> Array:
-            """``base - k_test @ (s + s_lo)`` (batched over the output times)."""
-            if not compensate(k_test.dtype):
-                return base - jnp.einsum("pr,mrk->mpk", k_test, s)
-            hi, lo = dot2(k_test, s, s_lo)
-            return (base - hi) - lo
-
         lo = ys.lo
         if not self.momentum:
-            return minus_k_test(f_test0[None], ys.s1, None if lo is None else lo.s1), None
+            return minus_product(f_test0[None], k_test, ys.s1, None if lo is None else lo.s1), None
         assert ys.s2 is not None and self.damping is not None
         q_test0 = jnp.zeros_like(f_test0) if q_test0 is None else q_test0
         d = jnp.asarray(self.damping)
         decay = jnp.exp(d * tau)[:, None, None]
         phi = phi1(-d[None], tau)[:, :, None]  # (e^{d tau} - 1) / d, stable at d = 0
-        q_test = minus_k_test(decay * q_test0[None], ys.s1, None if lo is None else lo.s1)
-        f_test = minus_k_test(f_test0[None] + phi * q_test0[None], ys.s2,
-                              None if lo is None else lo.s2)
+        q_test = minus_product(decay * q_test0[None], k_test, ys.s1, None if lo is None else lo.s1)
+        f_test = minus_product(f_test0[None] + phi * q_test0[None], k_test, ys.s2,
+                               None if lo is None else lo.s2)
         return f_test, q_test
 
 
