@@ -13,7 +13,7 @@ import ntkflow as nt
 from ntkflow._auto import choose_solver, explicit_solver, largest_eigenvalue
 from ntkflow._axes import make_layout
 from ntkflow._chebyshev import Chebyshev
-from ntkflow._dynamics import Dynamics, FlatLoss
+from ntkflow._dynamics import Dynamics, FlatLoss, TransposedField
 from ntkflow._eigen import Eigen
 from ntkflow._explicit import DOPRI5, TSIT5, Dopri5, Tsit5
 from ntkflow._expo import Expo
@@ -55,6 +55,34 @@ def test_expo_reaches_long_horizons_and_infinity_on_stiff_mse():
     got = predict(ts, f0, ft0, k_st)
     for a, b in zip(got, exact, strict=True):
         assert rel_err(a, b) < (1e-6 if X64 else 5e-3)
+
+
+@pytest.mark.parametrize("solver", ["expo", "rodas5p"])
+def test_float32_test_outputs_see_the_float64_eigenvectors(solver):
+    """Float32 inputs (the eigendecomposition is computed in float64): the test outputs of
+    the eigenbasis solvers are read out with the float64 eigenvectors' rounding error
+    (``Eigen.evecs_lo``), so that ``K_test`` does not amplify it on the slow modes
+    (cond(K) = 1e4, mid horizon: 2.5e-7 against 4.0e-6 with float32 eigenvectors
+    alone). Reference: the closed form in float64 on the same float32 inputs."""
+    n, n_test, k = 128, 32, 4
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    lam = np.logspace(0, -4, n) * n
+    w = rng.normal(size=(n_test, n)) / np.sqrt(n)
+    arrays = [(q * lam) @ q.T, (w * lam) @ q.T, np.eye(k)[np.arange(n) % k],
+              0.1 * rng.normal(size=(n, k)), 0.1 * rng.normal(size=(n_test, k))]
+    k_tt, k_st, y, f0, ft0 = (np.asarray(a, np.float32) for a in arrays)
+    t = 10 * y.size / np.sqrt(lam[0] * lam[-1])
+    ev, v = np.linalg.eigh(k_tt.astype(np.float64))
+    coeff = v.T @ (f0 - y).astype(np.float64)
+    ref_train = y + v @ (np.exp(-ev * t / y.size)[:, None] * coeff)
+    ref_test = ft0 - k_st.astype(np.float64) @ v @ (
+        (-np.expm1(-ev * t / y.size) / ev)[:, None] * coeff)
+    predict = nt.predict.gradient_descent(mse, k_tt, y, solver=solver)
+    train, test = predict(t, f0, ft0, k_st)
+    assert train.dtype == test.dtype == jnp.float32
+    assert np.max(np.abs(np.asarray(train, np.float64) - ref_train)) < 1e-6
+    assert np.max(np.abs(np.asarray(test, np.float64) - ref_test)) < 1e-6
 
 
 def test_expo_matches_tight_explicit_solve_for_nonquadratic_loss():
@@ -141,25 +169,32 @@ def test_transposed_vector_field_is_the_transpose(momentum, with_test):
 
 
 @pytest.mark.parametrize("t", [7.0, None])
-def test_explicit_loop_in_either_layout_gives_the_same_solve(monkeypatch, t):
+def test_explicit_loop_in_either_layout_gives_the_same_solve(fresh_programs, t):
     """The own loop on transposed arrays (2-16 outputs per row on CPU) and on the flat
     layout: the same steps and outputs up to round-off, at a finite time and at the end
     of training (which converges with the flat layout's end-of-training test)."""
     from ntkflow import _explicit
 
+    monkeypatch = fresh_programs
     k_tt, k_st, _, f0, ft0 = _stiff_problem(cond=1e2)
     y = jax.nn.one_hot(jnp.arange(k_tt.shape[0]) % 3, 3, dtype=DTYPE)
     loss = cross_entropy if t is not None else log_cosh
-    results = {}
+    results, used = {}, []
+    choose = _explicit._field
     for layout in ("transposed", "flat"):
-        if layout == "flat":
-            monkeypatch.setattr(_explicit, "_field", lambda dyn, y0: (dyn.vector_field,
-                                                                       lambda y: y))
+        def field(dyn, y0, flat=layout == "flat"):
+            chosen = (dyn.vector_field, lambda y: y) if flat else choose(dyn, y0)
+            used.append((flat, not isinstance(chosen[0], TransposedField)))
+            return chosen
+        monkeypatch.setattr(_explicit, "_field", field)
+        jax.clear_caches()
         infos = []
         monkeypatch.setattr(nt.predict, "solve_at", _recording(nt.predict.solve_at, infos))
         for solver in ("tsit5", "dopri5"):
             predict = nt.predict.gradient_descent(loss, k_tt, y, solver=solver)
             results[layout, solver] = (predict(t, f0, ft0, k_st), infos[-1].num_steps)
+    # Each layout's own program ran (traced anew, not one compiled program reused).
+    assert set(used) == {(False, False), (True, True)}
     for solver in ("tsit5", "dopri5"):
         (a, n_a), (b, n_b) = results["transposed", solver], results["flat", solver]
         assert abs(int(n_a) - int(n_b)) <= 1
@@ -311,6 +346,45 @@ def test_rodas5p_matches_tight_explicit_solve(problem, momentum):
         got_s, ref_s = got(7.0, state0, k_test_train=k_st), ref(7.0, state0, k_test_train=k_st)
         for a, b in zip(jax.tree.leaves(got_s), jax.tree.leaves(ref_s), strict=True):
             assert rel_err(a, b) < (1e-7 if X64 else 5e-3)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.9], ids=["gd", "momentum"])
+def test_rodas5p_in_either_layout_gives_the_same_solve(fresh_programs, momentum):
+    """The Rosenbrock steps on transposed arrays (2-16 outputs per row on CPU) and on the
+    flat layout: the same steps (within 3 in float32) and outputs up to round-off, with
+    test outputs, at finite times on a kernel with null modes (extra components), and at
+    the end of training on a full-rank one (with null modes and this inconsistent test
+    kernel the test outputs grow without bound and have no limit)."""
+    from ntkflow import _rosenbrock
+
+    monkeypatch = fresh_programs
+    singular, full_rank = _singular_problem(), _stiff_problem(cond=1e3)
+    ts = jnp.array([0.5, 50.0])
+    results, used = {}, []
+    make = _rosenbrock._Space.of
+    for layout in ("transposed", "flat"):
+        def of(dyn, eig, flat=layout == "flat"):
+            space = _rosenbrock._Space(eig, dyn, None) if flat else make(dyn, eig)
+            used.append((flat, space.field is None))
+            return space
+        monkeypatch.setattr(_rosenbrock._Space, "of", of)
+        jax.clear_caches()
+        infos = []
+        monkeypatch.setattr(nt.predict, "solve_at", _recording(nt.predict.solve_at, infos))
+        for t, (k_tt, k_st, y, f0, ft0) in ((ts, singular), (None, full_rank)):
+            predict = nt.predict.gradient_descent(log_cosh, k_tt, 2.0 * y, 0.5, momentum,
+                                                  solver="rodas5p")
+            results[layout, t is None] = (predict(t, f0, ft0, k_st), infos[-1].num_steps)
+    # Each layout's own program ran (traced anew, not one compiled program reused).
+    assert set(used) == {(False, False), (True, True)}
+    for at_end in (False, True):
+        (a, n_a), (b, n_b) = results["transposed", at_end], results["flat", at_end]
+        # Float32 round-off moves some step-size decisions, and at the end of training the
+        # convergence test, whose round-off floor is 10 eps cond(K) ~ 1e-3 here (110 against
+        # 105 steps measured, outputs 3.6e-4 apart).
+        assert abs(int(n_a) - int(n_b)) <= (1 if X64 else max(3, int(n_b) // 10))
+        for x, z in zip(a, b, strict=True):
+            assert rel_err(x, z) < (1e-10 if X64 else 2e-3 if at_end else 1e-4)
 
 
 def test_rodas5p_reaches_long_horizons_and_the_end_of_training():

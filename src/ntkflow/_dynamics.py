@@ -225,9 +225,12 @@ class TransposedField(eqx.Module):
 
     def __call__(self, tau: Float[Array, ""], y_t: FlatState) -> FlatState:
         del tau
-        dyn = self.dynamics
-        f = y_t.f.T
-        targets = outputs_from_2d(self.targets_t.T, dyn.loss.layout, dyn.loss.rows_shape)
-        g = dyn.loss.grad(f, targets)
-        g_t = jax.lax.optimization_barrier(g.T)  # materialized, as the product wants it
-        return dyn.field(y_t, g_t, g_t @ dyn.k)
+        g_t = self.gradient(y_t.f)
+        return self.dynamics.field(y_t, g_t, g_t @ self.dynamics.k)
+
+    def gradient(self, f_t: Float[Array, "traced rows"]) -> Float[Array, "traced rows"]:
+        """The loss gradient on transposed arrays: ``G(F)^T`` for ``f_t = F^T``,
+        materialized transposed, as products ``G^T A`` want it."""
+        loss = self.dynamics.loss
+        targets = outputs_from_2d(self.targets_t.T, loss.layout, loss.rows_shape)
+        return jax.lax.optimization_barrier(loss.grad(f_t.T, targets).T)

@@ -78,6 +78,10 @@ class Eigen(eqx.Module):
       evecs_t: ``evecs.T`` stored as its own array, for products ``V^T x``: XLA on
         CPU multiplies by a transposed operand 2-3x slower than by a stored one
         (measured at n = 1024), and those products are half of a solver step's.
+      evecs_lo: where the decomposition was computed in float64 for a float32 kernel
+        (see :meth:`of`), the float64 eigenvectors' rounding error, ``V_64 - evecs``,
+        in the kernel's precision (``None`` otherwise), for read-outs that need ``V``
+        beyond its own precision (:mod:`ntkflow._adaptive`).
     """
 
     evals: Float[Array, " n"]
@@ -85,6 +89,7 @@ class Eigen(eqx.Module):
     null: Bool[Array, " n"]
     lowest: Float[Array, ""]
     evecs_t: Float[Array, "n n"]
+    evecs_lo: Float[Array, "n n"] | None = None
 
     @classmethod
     def of(cls, k: Float[Array, "n n"]) -> Eigen:
@@ -100,8 +105,8 @@ class Eigen(eqx.Module):
         """
         if is_concrete(k) and jnp.dtype(k.dtype).itemsize < 8:
             with jax.enable_x64(True):
-                raw, vecs, lowest = _eigh64(jnp.asarray(k), k.dtype)
-            return _finish(raw, vecs, lowest)
+                raw, vecs, vecs_lo, lowest = _eigh64(jnp.asarray(k), k.dtype)
+            return _finish(raw, vecs, lowest, vecs_lo)
         return _eigen_of(k)
 
     def to_eigenbasis(self, x: Float[Array, "n ..."]) -> Float[Array, "n ..."]:
@@ -118,11 +123,14 @@ class Eigen(eqx.Module):
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _eigh64(k: Array, dtype: Any) -> tuple[Array, Array, Array]:
-    """``eigh`` of ``k`` in float64 (call with 64-bit types enabled), rounded to ``dtype``."""
+def _eigh64(k: Array, dtype: Any) -> tuple[Array, Array, Array, Array]:
+    """``eigh`` of ``k`` in float64 (call with 64-bit types enabled), rounded to ``dtype``:
+    eigenvalues, eigenvectors and their rounding error, and the lowest eigenvalue."""
     k64 = k.astype(jnp.float64)
     raw, vecs = jnp.linalg.eigh(0.5 * (k64 + k64.T))
-    return raw.astype(dtype), vecs.astype(dtype), jnp.min(raw, initial=jnp.inf).astype(dtype)
+    hi = vecs.astype(dtype)
+    lo = (vecs - hi.astype(jnp.float64)).astype(dtype)
+    return raw.astype(dtype), hi, lo, jnp.min(raw, initial=jnp.inf).astype(dtype)
 
 
 @jax.jit
@@ -131,13 +139,14 @@ def _eigen_of(k: Float[Array, "n n"]) -> Eigen:
     return _finish(raw, evecs, jnp.min(raw, initial=jnp.inf))
 
 
-def _finish(raw: Array, evecs: Array, lowest: Any) -> Eigen:
+def _finish(raw: Array, evecs: Array, lowest: Any, evecs_lo: Array | None = None) -> Eigen:
     """Clamp negative eigenvalues and mark null modes."""
     evals = jnp.maximum(raw, 0.0)
     rcond = raw.shape[0] * jnp.finfo(raw.dtype).eps
     null = evals <= rcond * jnp.max(evals, initial=0.0)
     return Eigen(
-        jnp.where(null, 0.0, evals), evecs, null, jnp.asarray(lowest, raw.dtype), evecs.T
+        jnp.where(null, 0.0, evals), evecs, null, jnp.asarray(lowest, raw.dtype), evecs.T,
+        evecs_lo,
     )
 
 

@@ -46,6 +46,12 @@ with the matrix are known), which halves the iterations. A solve that does
 not converge in 25 iterations rejects the step (the next try is shorter, so
 the system is better conditioned).
 
+**Layout.** On CPU, with 2-16 outputs per row, the steps work on transposed
+arrays, ``(traced, rows)`` (:class:`_Space`), as the explicit loop does: the
+same steps, less time per step where the products do not dominate it (log-cosh, same
+solve, transposed against flat: 17% less time at n = 256 in float32, mid horizon; 15%
+in float64, converged horizon; at n = 1024 in float64 the same time, 1.50 s).
+
 **Test outputs and null modes.** The gradient integrals on null modes
 (:math:`S_1`, and :math:`S_2` with momentum; see :mod:`ntkflow._dynamics`)
 are extra components of the Rosenbrock system, with their exact Jacobian rows
@@ -64,8 +70,8 @@ import numpy as np
 from jaxtyping import Array
 
 from ntkflow._adaptive import EigenbasisSolver
-from ntkflow._dynamics import Dynamics, FlatState, rayleigh_curvature, rms
-from ntkflow._eigen import Eigen
+from ntkflow._dynamics import Dynamics, FlatState, TransposedField, rayleigh_curvature, rms
+from ntkflow._eigen import Eigen, transposed_products
 from ntkflow._solvers import SOLVERS
 
 __all__ = ["Rodas5P"]
@@ -141,18 +147,61 @@ class _Carry(NamedTuple):
     gz: Array
 
 
+class _Space(NamedTuple):
+    """The arrays of a solve: outputs ``F`` and eigen-coordinates ``z = V^T F``, in the
+    flat layout ``(rows, traced)``, or transposed, ``(traced, rows)``, where ``field``
+    is given: where :func:`ntkflow._eigen.transposed_products` holds (on CPU, 2-16
+    outputs per row, at most 2048 rows), as in the explicit loop.
+
+    Transposed, the products are ``x^T V`` and ``x^T V^T`` (as fast as
+    :func:`ntkflow._eigen.matmul`'s, with no transposes to make), and the loss gradients
+    and Hessian-vector products vectorize along the rows
+    (:class:`ntkflow._dynamics.TransposedField`).
+    """
+
+    eig: Eigen
+    dyn: Dynamics
+    field: TransposedField | None
+
+    @classmethod
+    def of(cls, dyn: Dynamics, eig: Eigen) -> _Space:
+        transposed = transposed_products(dyn.k.shape[0], dyn.loss.layout.traced)
+        return cls(eig, dyn, dyn.transposed() if transposed else None)
+
+    def to_eigenbasis(self, fx: Array) -> Array:
+        """``V^T x``."""
+        return self.eig.to_eigenbasis(fx) if self.field is None else fx @ self.eig.evecs
+
+    def from_eigenbasis(self, x: Array) -> Array:
+        """``V x``."""
+        return self.eig.from_eigenbasis(x) if self.field is None else x @ self.eig.evecs_t
+
+    def grad(self, f: Array) -> Array:
+        """The loss gradient ``G(F)``."""
+        return self.dyn.grad_fn(f) if self.field is None else self.field.gradient(f)
+
+    def column(self, v: Array) -> Array:
+        """A per-eigenvalue vector, broadcast along the outputs."""
+        return v[:, None] if self.field is None else v[None, :]
+
+    def flat(self, a: Array) -> Array:
+        """An array of this space in the flat layout, or the converse (a transpose or
+        the identity)."""
+        return a if self.field is None else a.T
+
+
 class _Operator(NamedTuple):
     """``Sq M Sq`` and its pieces, with ``M = V^T H V`` at the start of a step."""
 
-    eig: Eigen
+    space: _Space
     sq: Array  # sqrt(lambda), 0 on null modes
     hvp: Callable[[Array], Array]
 
     def to_eigenbasis(self, fx: Array) -> Array:
-        return self.eig.to_eigenbasis(fx)
+        return self.space.to_eigenbasis(fx)
 
     def from_eigenbasis(self, x: Array) -> Array:
-        return self.eig.from_eigenbasis(x)
+        return self.space.from_eigenbasis(x)
 
     def image(self, x: Array) -> Array:
         """``V (sqrt(Lambda) x)``: a scaled eigen-vector as flat outputs."""
@@ -246,27 +295,34 @@ class Rodas5P(EigenbasisSolver):
     name: ClassVar[str] = "rodas5p"
     error_exponent: ClassVar[float] = 5.0  # embedded order 4: error ~ h^5
 
-    def _start(self, dyn: Dynamics, eig: Eigen, y0: FlatState) -> _Carry:
-        z = eig.to_eigenbasis(y0.f)
-        q = None if y0.q is None else eig.to_eigenbasis(y0.q)
+    def _space(self, dyn: Dynamics, eig: Eigen) -> _Space:
+        return _Space.of(dyn, eig)
+
+    def _flat(self, space: _Space, x: _Carry) -> _Carry:
+        return jax.tree.map(space.flat, x)
+
+    def _start(self, dyn: Dynamics, space: _Space, y0: FlatState) -> _Carry:
+        f = space.flat(y0.f)
+        z = space.to_eigenbasis(f)
+        q = None if y0.q is None else space.to_eigenbasis(space.flat(y0.q))
         zeros = jnp.zeros_like(z)
-        gz = eig.to_eigenbasis(dyn.grad_fn(y0.f))
-        return _Carry(z, q, zeros, None if q is None else zeros, y0.f, gz)
+        gz = space.to_eigenbasis(space.grad(f))
+        return _Carry(z, q, zeros, None if q is None else zeros, f, gz)
 
     @staticmethod
-    def _outputs(eig: Eigen, x: _Carry) -> FlatState:
-        q = None if x.q is None else eig.from_eigenbasis(x.q)
-        return FlatState(x.f, q, None, None)
+    def _outputs(space: _Space, x: _Carry) -> FlatState:
+        q = None if x.q is None else space.flat(space.from_eigenbasis(x.q))
+        return FlatState(space.flat(x.f), q, None, None)
 
     def _step(
-        self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float
+        self, dyn: Dynamics, space: _Space, x: _Carry, h: Array, rtol: float, atol: float
     ) -> tuple[_Carry, Array]:
         if x.q is None:
-            return self._step_gd(dyn, eig, x, h, rtol, atol)
-        return self._step_momentum(dyn, eig, x, h, rtol, atol)
+            return self._step_gd(space, x, h, rtol, atol)
+        return self._step_momentum(space, x, h, rtol, atol)
 
     @staticmethod
-    def _setup(dyn: Dynamics, eig: Eigen, x: _Carry) -> tuple[_Operator, Array, Array]:
+    def _setup(space: _Space, x: _Carry) -> tuple[_Operator, Array, Array]:
         """The operator at ``x``, the preconditioner's curvature, and the null mask.
 
         The curvature is the Hessian's Rayleigh quotient along a fixed random sign
@@ -277,17 +333,20 @@ class Rodas5P(EigenbasisSolver):
         conjugate-gradient iterations with it against 1,357 with the random direction and
         1,325 with the exact diagonal of ``V^T H V``.)
         """
-        null = eig.null[:, None]
-        sq = jnp.sqrt(jnp.where(null, 0.0, eig.evals[:, None]))
-        _, hvp = jax.linearize(dyn.grad_fn, x.f)
+        null = space.column(space.eig.null)
+        sq = jnp.sqrt(jnp.where(null, 0.0, space.column(space.eig.evals)))
+        _, hvp = jax.linearize(space.grad, x.f)
+        flat_shape = x.f.shape if space.field is None else x.f.shape[::-1]
         with jax.ensure_compile_time_eval():  # a constant of the program, not per-step work
-            probe = jax.random.rademacher(jax.random.PRNGKey(0), x.f.shape, x.f.dtype)
-        return _Operator(eig, sq, hvp), rayleigh_curvature(probe, hvp(probe)), null
+            probe = space.flat(
+                jax.random.rademacher(jax.random.PRNGKey(0), flat_shape, x.f.dtype))
+        return _Operator(space, sq, hvp), rayleigh_curvature(probe, hvp(probe)), null
 
     def _step_gd(
-        self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float
+        self, space: _Space, x: _Carry, h: Array, rtol: float, atol: float
     ) -> tuple[_Carry, Array]:
-        op, curv, null = self._setup(dyn, eig, x)
+        op, curv, null = self._setup(space, x)
+        dyn = space.dyn
         hg = h * _GAMMA
         one = jnp.ones((), x.z.dtype)
         pinv = jnp.broadcast_to(1.0 / (1.0 + hg * curv * op.sq**2), x.z.shape)
@@ -299,7 +358,7 @@ class Rodas5P(EigenbasisSolver):
             if i == 0:
                 gz = x.gz
             else:
-                gz = op.to_eigenbasis(dyn.grad_fn(x.f + _comb(_A[i, :i], [s.img for s in sols])))
+                gz = op.to_eigenbasis(space.grad(x.f + _comb(_A[i, :i], [s.img for s in sols])))
             rhs = hg * (-op.sq * gz + _comb(_C[i, :i], [s.x for s in sols], 1.0 / h))
             sol, conv = _pcg(op, rhs, one, hg, pinv, tol, sols)
             sols.append(sol)
@@ -313,16 +372,17 @@ class Rodas5P(EigenbasisSolver):
         z = x.z + op.sq * _comb(_M, xs)
         f = x.f + _comb(_M, imgs)
         b = x.b + _comb(_M, kbs) if dyn.with_test else x.b
-        new = _Carry(z, None, b, None, f, op.to_eigenbasis(dyn.grad_fn(f)))
+        new = _Carry(z, None, b, None, f, op.to_eigenbasis(space.grad(f)))
         scale = atol + rtol * jnp.maximum(rms(x.z), rms(z))
         err = rms(op.sq * _comb(_E, xs)) / scale
         return new, jnp.where(ok | ~jnp.isfinite(err), err, jnp.maximum(err, _REJECT))
 
     def _step_momentum(
-        self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float
+        self, space: _Space, x: _Carry, h: Array, rtol: float, atol: float
     ) -> tuple[_Carry, Array]:
+        dyn = space.dyn
         assert dyn.damping is not None and x.q is not None and x.c is not None
-        op, curv, null = self._setup(dyn, eig, x)
+        op, curv, null = self._setup(space, x)
         d = jnp.asarray(dyn.damping, x.z.dtype)
         hg = h * _GAMMA
         sigma, beta = 1.0 - hg * d, hg * hg
@@ -351,7 +411,7 @@ class Rodas5P(EigenbasisSolver):
             else:
                 zi = x.z + sc * _comb(_A[i, :i], ks)
                 q = x.q + sc * _comb(_A[i, :i], kt)
-                gz = op.to_eigenbasis(dyn.grad_fn(op.from_eigenbasis(zi)))
+                gz = op.to_eigenbasis(space.grad(op.from_eigenbasis(zi)))
             t = q * inv_sc
             ra = t + _comb(_C[i, :i], ks, 1.0 / h)
             rb = -op.sq * gz + d * t + _comb(_C[i, :i], kt, 1.0 / h)
@@ -388,7 +448,7 @@ class Rodas5P(EigenbasisSolver):
             c = x.c + _comb(_M, kcs)
         else:
             b, c = x.b, x.c
-        new = _Carry(z, q, b, c, f, op.to_eigenbasis(dyn.grad_fn(f)))
+        new = _Carry(z, q, b, c, f, op.to_eigenbasis(space.grad(f)))
         scale = atol + rtol * jnp.maximum(rms(size), rms(jnp.stack([z, q])))
         err = rms(jnp.stack([sc * _comb(_E, ks), sc * _comb(_E, kt)])) / scale
         return new, jnp.where(ok | ~jnp.isfinite(err), err, jnp.maximum(err, _REJECT))
