@@ -56,7 +56,7 @@ def solve_at(
     def to_end(_: None, active: Array | None = None) -> tuple[FlatState, SolveInfo]:
         y_last = jax.tree.map(lambda x: x[-1], ys)
         eigen = dynamics.eigen if dynamics.eigen is not None else Eigen.of(dynamics.k)
-        return solver.converge(
+        y_end, info_end = solver.converge(
             dynamics,
             y_last,
             finite_max,
@@ -66,6 +66,7 @@ def solve_at(
             max_steps=max_steps,
             active=active,
         )
+        return _on_range(y_end, eigen), info_end
 
     def skip(_: None) -> tuple[FlatState, SolveInfo]:
         y_last = jax.tree.map(lambda x: x[-1], ys)
@@ -99,3 +100,27 @@ def solve_at(
     if readout is not None:
         return readout(dynamics, taus, ys), merged
     return ys, merged
+
+
+def _on_range(y: FlatState, eigen: Eigen) -> FlatState:
+    """The end point of training with its gradient integrals on the range of ``K``.
+
+    On null modes of ``K`` the loss gradient need not vanish at the end of training
+    (the train outputs cannot move there), so the gradient integrals' null-mode
+    components grow without bound, and with them the test outputs wherever ``K_test``
+    does not vanish on ``K``'s null space. ``t = inf`` reports the pseudo-inverse limit
+    instead, as :func:`ntkflow.predict.gradient_descent_mse` does: those components are
+    dropped (with no null modes, or a consistent ``K_test = J_test J^T``, nothing
+    changes).
+    """
+    if y.s1 is None:
+        return y
+
+    def project(s: Array | None) -> Array | None:
+        if s is None:
+            return None
+        return s - eigen.evecs @ jnp.where(eigen.null[:, None], eigen.evecs_t @ s, 0.0)
+
+    lo = None if y.lo is None else FlatState(y.lo.f, y.lo.q, project(y.lo.s1),
+                                             project(y.lo.s2))
+    return FlatState(y.f, y.q, project(y.s1), project(y.s2), lo)

@@ -560,9 +560,12 @@ def gradient_descent(
     Returns:
       ``predict_fn(t=None, fx_train_or_state_0=0., fx_test_0=None, k_test_train=None)``.
       ``t`` is a scalar or an array of any shape and order (``None`` or ``inf``: the
-      end point of training); outputs gain leading axes ``np.shape(t)``. It returns
-      ``fx_train_t``, ``fx_test_t`` (if ``fx_train_or_state_0 is None``), or
-      ``(fx_train_t, fx_test_t)``; given an :class:`ODEState`, an ``ODEState``.
+      end point of training, with the test outputs' pseudo-inverse limit where ``K``
+      has null modes, as in :func:`gradient_descent_mse`: the part of the gradient
+      integral on the null space, which grows without bound when ``k_test_train``
+      does not vanish there, is dropped); outputs gain leading axes ``np.shape(t)``.
+      It returns ``fx_train_t``, ``fx_test_t`` (if ``fx_train_or_state_0 is None``),
+      or ``(fx_train_t, fx_test_t)``; given an :class:`ODEState`, an ``ODEState``.
 
     Example:
       >>> import jax, jax.numpy as jnp
