@@ -34,6 +34,19 @@ def psd_kernel(key, n: int, p: int | None = None, dtype=None) -> jnp.ndarray:
     return j @ j.T / p
 
 
+def float32_power_law_problem(n: int, n_test: int, k: int, seed: int) -> tuple:
+    """Float32 ``(k_tt, k_st, y, f0, ft0)`` and the spectrum ``lam`` (float64): ``K_tt``
+    with eigenvalues ``n * logspace(0, -4, n)`` (cond 1e4), a consistent ``K_st``, one-hot
+    targets and small initial outputs."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    lam = np.logspace(0, -4, n) * n
+    w = rng.normal(size=(n_test, n)) / np.sqrt(n)
+    arrays = [(q * lam) @ q.T, (w * lam) @ q.T, np.eye(k)[np.arange(n) % k],
+              0.1 * rng.normal(size=(n, k)), 0.1 * rng.normal(size=(n_test, k))]
+    return tuple(np.asarray(a, np.float32) for a in arrays) + (lam,)
+
+
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)

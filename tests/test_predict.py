@@ -11,7 +11,7 @@ import pytest
 import scipy.linalg
 
 import ntkflow as nt
-from tests.conftest import DTYPE, TOL, X64, psd_kernel, rel_err
+from tests.conftest import DTYPE, TOL, X64, float32_power_law_problem, psd_kernel, rel_err
 
 mse = lambda fx, y: 0.5 * jnp.mean((fx - y) ** 2)
 cross_entropy = lambda fx, y: -jnp.mean(jax.nn.log_softmax(fx) * y)
@@ -84,6 +84,30 @@ def test_unsorted_and_repeated_times_equal_separate_calls(loss):
         np.testing.assert_allclose(train[i], a, rtol=50 * TOL["rtol"], atol=50 * TOL["atol"])
         np.testing.assert_allclose(test[i], b, rtol=50 * TOL["rtol"], atol=50 * TOL["atol"])
     np.testing.assert_allclose(train[3], f0, rtol=0, atol=1e-6)  # t = 0 is the identity
+
+
+@pytest.mark.parametrize("num_times", [3, 40])
+def test_mse_float32_test_outputs_on_an_ill_conditioned_kernel(num_times):
+    """Float32 inputs, cond(K) = 1e4: ``gradient_descent_mse``'s test outputs against the
+    float64 closed form on the same inputs. The gradient integral is large on the slow
+    modes, where ``K_test V`` is small: read out through a float32 ``K_test @ V`` they were
+    off by 1.2e-4 at the converged horizon (1.9e-5 at the mid one); compensated, with the
+    float64 eigenvectors' rounding error, 1.7e-6. 3 times form ``S`` first, 40 use
+    ``K_test (V + V_lo)`` for all times (``MSEFlow.test_delta``)."""
+    k_tt, k_st, y, f0, ft0, lam = float32_power_law_problem(128, 32, 4, seed=1)
+    mid, converged = (10 * y.size / np.sqrt(lam[0] * lam[-1]), 10 * y.size / lam[-1])
+    ts = np.concatenate([[mid, converged, np.inf], np.logspace(0, 7, num_times - 3)])
+    ev, v = np.linalg.eigh(k_tt.astype(np.float64))
+    coeff = v.T @ (f0 - y).astype(np.float64)
+    kv = k_st.astype(np.float64) @ v
+    predict = nt.predict.gradient_descent_mse(k_tt, y)
+    train, test = predict(ts.astype(np.float32), f0, ft0, k_st)
+    assert train.dtype == test.dtype == jnp.float32
+    for i, t in enumerate(ts):
+        ref_train = y + v @ (np.exp(-ev * t / y.size)[:, None] * coeff)
+        ref_test = ft0 - kv @ ((-np.expm1(-ev * t / y.size) / ev)[:, None] * coeff)
+        assert np.max(np.abs(np.asarray(train[i], np.float64) - ref_train)) < 5e-6
+        assert np.max(np.abs(np.asarray(test[i], np.float64) - ref_test)) < 1e-5
 
 
 def test_mse_infinite_time_matches_closed_form():

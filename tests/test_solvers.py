@@ -18,7 +18,7 @@ from ntkflow._eigen import Eigen
 from ntkflow._explicit import DOPRI5, TSIT5, Dopri5, Tsit5
 from ntkflow._expo import Expo
 from ntkflow._rosenbrock import Rodas5P
-from tests.conftest import DTYPE, TOL, X64, rel_err
+from tests.conftest import DTYPE, TOL, X64, float32_power_law_problem, rel_err
 
 mse = lambda fx, y: 0.5 * jnp.mean((fx - y) ** 2)
 log_cosh = lambda fx, y: jnp.mean(jnp.log(jnp.cosh(fx - y)))
@@ -64,14 +64,7 @@ def test_float32_test_outputs_see_the_float64_eigenvectors(solver):
     (``Eigen.evecs_lo``), so that ``K_test`` does not amplify it on the slow modes
     (cond(K) = 1e4, mid horizon: 2.5e-7 against 4.0e-6 with float32 eigenvectors
     alone). Reference: the closed form in float64 on the same float32 inputs."""
-    n, n_test, k = 128, 32, 4
-    rng = np.random.default_rng(0)
-    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
-    lam = np.logspace(0, -4, n) * n
-    w = rng.normal(size=(n_test, n)) / np.sqrt(n)
-    arrays = [(q * lam) @ q.T, (w * lam) @ q.T, np.eye(k)[np.arange(n) % k],
-              0.1 * rng.normal(size=(n, k)), 0.1 * rng.normal(size=(n_test, k))]
-    k_tt, k_st, y, f0, ft0 = (np.asarray(a, np.float32) for a in arrays)
+    k_tt, k_st, y, f0, ft0, lam = float32_power_law_problem(128, 32, 4, seed=0)
     t = 10 * y.size / np.sqrt(lam[0] * lam[-1])
     ev, v = np.linalg.eigh(k_tt.astype(np.float64))
     coeff = v.T @ (f0 - y).astype(np.float64)

@@ -15,6 +15,19 @@ evaluated in the eigenbasis of ``K``: any number of times costs one ``eigh``
 Null modes (zero eigenvalues) never move the train outputs; for the test
 outputs they contribute the exact ``lam -> 0`` limit ``-t/|y|`` at finite
 ``t`` and nothing at ``t = inf`` (the pseudo-inverse limit).
+
+In single precision the test outputs' products are compensated
+(:mod:`ntkflow._compensated`) and use the float64 eigenvectors' rounding error
+(``Eigen.evecs_lo``): the gradient integral :math:`S = V
+\,\text{diag}(\varphi)\, V^T (f_0 - y)` is large on slow modes
+(:math:`\varphi \approx 1/\lambda`), where :math:`K_\text{test} V` is small,
+and a float32 :math:`K_\text{test} V` mixes in the fast modes' larger entries.
+The read-out is :math:`-K_\text{test} S` with :math:`S` formed first when that
+is the smaller product (few times), else :math:`K_\text{test} (V + V_\text{lo})`
+once for all times.
+Measured against the float64 closed form on the same (float32) inputs, n = 256,
+condition number 1e4: test error 1.9e-5 -> 2.3e-7 at the mid horizon and
+1.2e-4 -> 1.7e-6 at the converged one (the train error there: 1.1e-6).
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ntkflow._compensated import compensate, dot2, minus_product
 from ntkflow._eigen import Eigen, phi1
 
 __all__ = ["MSEFlow"]
@@ -64,7 +78,21 @@ class MSEFlow(eqx.Module):
         r0: Float[Array, "n k"],
         k_test: Float[Array, "p n"],
     ) -> Float[Array, "m p k"]:
-        """``f_test(tau) - f_test(0)`` for residual ``r0 = f0 - y``."""
+        """``f_test(tau) - f_test(0)`` for residual ``r0 = f0 - y``: ``-K_test S(tau)``."""
         coeff = self.eigen.to_eigenbasis(r0)
-        kv = k_test @ self.eigen.evecs
-        return -jnp.einsum("pi,mi,ik->mpk", kv, self.decay(tau), coeff)
+        if not compensate(r0.dtype):
+            kv = k_test @ self.eigen.evecs
+            return -jnp.einsum("pi,mi,ik->mpk", kv, self.decay(tau), coeff)
+        # Single precision (module docstring), whichever product is smaller: S = (V + V_lo)
+        # (phi * coeff), compensated, then K_test S, or K_test (V + V_lo) compensated once
+        # for all times.
+        v, v_lo = self.eigen.evecs, self.eigen.evecs_lo
+        (p, n), (m, k) = k_test.shape, (tau.shape[0], r0.shape[1])
+        if (n + p) * k * m <= p * n:
+            s = self.decay(tau)[:, :, None] * coeff[None]
+            hi, lo = dot2(v, s)
+            if v_lo is not None:
+                lo = lo + v_lo @ s
+            return minus_product(jnp.zeros((), hi.dtype), k_test, hi, lo)
+        hi, lo = dot2(k_test, v, v_lo)
+        return -jnp.einsum("pi,mi,ik->mpk", hi + lo, self.decay(tau), coeff)
