@@ -64,16 +64,5 @@ def _release_compiled_programs():
     gc.collect()
 
 
-@pytest.fixture
-def fresh_programs(monkeypatch):
-    """For tests that swap a private function with ``monkeypatch``: JAX's compiled
-    programs are dropped before the test (else a program compiled earlier, with the
-    original function, would run instead) and after it, once the swap is undone."""
-    jax.clear_caches()
-    yield monkeypatch
-    monkeypatch.undo()
-    jax.clear_caches()
-
-
 def pytest_report_header(config):
     return f"ntkflow tests: default float dtype {DTYPE} (JAX_ENABLE_X64={int(X64)})"

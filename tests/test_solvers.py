@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,31 +163,32 @@ def test_transposed_vector_field_is_the_transpose(momentum, with_test):
 
 
 @pytest.mark.parametrize("t", [7.0, None])
-def test_explicit_loop_in_either_layout_gives_the_same_solve(fresh_programs, t):
+def test_explicit_loop_in_either_layout_gives_the_same_solve(monkeypatch, t):
     """The own loop on transposed arrays (2-16 outputs per row on CPU) and on the flat
     layout: the same steps and outputs up to round-off, at a finite time and at the end
-    of training (which converges with the flat layout's end-of-training test)."""
+    of training (which converges with the flat layout's end-of-training test). Each
+    layout runs with a ``max_steps`` of its own (a static argument used nowhere else),
+    hence in a program traced anew, with the layout chosen here."""
     from ntkflow import _explicit
 
-    monkeypatch = fresh_programs
     k_tt, k_st, _, f0, ft0 = _stiff_problem(cond=1e2)
     y = jax.nn.one_hot(jnp.arange(k_tt.shape[0]) % 3, 3, dtype=DTYPE)
     loss = cross_entropy if t is not None else log_cosh
     results, used = {}, []
     choose = _explicit._field
-    for layout in ("transposed", "flat"):
+    for layout, max_steps in (("transposed", 99_989), ("flat", 99_991)):
         def field(dyn, y0, flat=layout == "flat"):
             chosen = (dyn.vector_field, lambda y: y) if flat else choose(dyn, y0)
             used.append((flat, not isinstance(chosen[0], TransposedField)))
             return chosen
         monkeypatch.setattr(_explicit, "_field", field)
-        jax.clear_caches()
         infos = []
         monkeypatch.setattr(nt.predict, "solve_at", _recording(nt.predict.solve_at, infos))
         for solver in ("tsit5", "dopri5"):
-            predict = nt.predict.gradient_descent(loss, k_tt, y, solver=solver)
+            predict = nt.predict.gradient_descent(loss, k_tt, y, solver=solver,
+                                                  max_steps=max_steps)
             results[layout, solver] = (predict(t, f0, ft0, k_st), infos[-1].num_steps)
-    # Each layout's own program ran (traced anew, not one compiled program reused).
+    # Each layout's own program ran.
     assert set(used) == {(False, False), (True, True)}
     for solver in ("tsit5", "dopri5"):
         (a, n_a), (b, n_b) = results["transposed", solver], results["flat", solver]
@@ -342,32 +344,39 @@ def test_rodas5p_matches_tight_explicit_solve(problem, momentum):
 
 
 @pytest.mark.parametrize("momentum", [None, 0.9], ids=["gd", "momentum"])
-def test_rodas5p_in_either_layout_gives_the_same_solve(fresh_programs, momentum):
+def test_rodas5p_in_either_layout_gives_the_same_solve(momentum):
     """The Rosenbrock steps on transposed arrays (2-16 outputs per row on CPU) and on the
     flat layout: the same steps (within 3 in float32) and outputs up to round-off, with
     test outputs, at finite times on a kernel with null modes (extra components), and at
-    the end of training on a full-rank one."""
+    the end of training on a full-rank one. Each layout is a solver of its own (a
+    subclass whose ``_space`` makes it), hence a program of its own."""
     from ntkflow import _rosenbrock
 
-    monkeypatch = fresh_programs
+    used = []
+
+    class InLayout(_rosenbrock.Rodas5P):
+        flat: bool = eqx.field(static=True, default=False)
+
+        def _space(self, dyn, eig):
+            # (Production uses the transposed layout without momentum only; both work.)
+            space = _rosenbrock._Space(eig, dyn, None if self.flat else dyn.transposed())
+            used.append((self.flat, space.field is None))
+            return space
+
     singular, full_rank = _singular_problem(), _stiff_problem(cond=1e3)
     ts = jnp.array([0.5, 50.0])
-    results, used = {}, []
+    results = {}
     for layout in ("transposed", "flat"):
-        def of(dyn, eig, flat=layout == "flat"):
-            # (Production uses the transposed layout without momentum only; both work.)
-            space = _rosenbrock._Space(eig, dyn, None if flat else dyn.transposed())
-            used.append((flat, space.field is None))
-            return space
-        monkeypatch.setattr(_rosenbrock._Space, "of", of)
-        jax.clear_caches()
         infos = []
-        monkeypatch.setattr(nt.predict, "solve_at", _recording(nt.predict.solve_at, infos))
-        for t, (k_tt, k_st, y, f0, ft0) in ((ts, singular), (None, full_rank)):
-            predict = nt.predict.gradient_descent(log_cosh, k_tt, 2.0 * y, 0.5, momentum,
-                                                  solver="rodas5p")
-            results[layout, t is None] = (predict(t, f0, ft0, k_st), infos[-1].num_steps)
-    # Each layout's own program ran (traced anew, not one compiled program reused).
+        solve_at = _recording(nt.predict.solve_at, infos)
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setattr(nt.predict, "solve_at", solve_at)
+            for t, (k_tt, k_st, y, f0, ft0) in ((ts, singular), (None, full_rank)):
+                predict = nt.predict.gradient_descent(
+                    log_cosh, k_tt, 2.0 * y, 0.5, momentum,
+                    solver=InLayout(flat=layout == "flat"))
+                results[layout, t is None] = (predict(t, f0, ft0, k_st), infos[-1].num_steps)
+    # Each layout's own program ran.
     assert set(used) == {(False, False), (True, True)}
     for at_end in (False, True):
         (a, n_a), (b, n_b) = results["transposed", at_end], results["flat", at_end]
