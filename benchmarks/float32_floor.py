@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_solvers import horizon_time, loss_fn, make_problem  # noqa: E402
+from bench_solvers import Worker, horizon_time, loss_fn, make_problem  # noqa: E402
 
 N, COND, SEED = 256, 1e4, 0
 CELLS = [("ce", "short", 1), ("ce", "short", 4), ("logcosh", "mid", 1), ("logcosh", "mid", 4)]
@@ -70,22 +70,6 @@ def references(path: str) -> None:
     np.savez(path, **out)
 
 
-def _baseline(loss: str, t: float, k, k_test, y, f0, f0_test):  # noqa: ANN001, ANN202
-    import jax
-    import jax.numpy as jnp
-    from jax.experimental.ode import odeint
-
-    loss_f = loss_fn(loss)
-
-    def rhs(state, _t, k, k_test, y):  # noqa: ANN001, ANN202
-        g = jax.grad(loss_f)(state[0], y)
-        return -(k @ g), -(k_test @ g)
-
-    ts = jnp.asarray([0.0, t], k.dtype)
-    fs, fs_test = jax.jit(lambda *a: odeint(rhs, *a))((f0, f0_test), ts, k, k_test, y)
-    return fs[-1], fs_test[-1]
-
-
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "references.npz")
@@ -99,6 +83,7 @@ def main() -> None:
 
     if jnp.zeros(()).dtype != jnp.float32:
         raise SystemExit("run with 64-bit types disabled (JAX_ENABLE_X64 unset or 0)")
+    worker = Worker(None, x64=False)  # the benchmark's own baseline (its odeint solve)
     print("| loss | n | n_test | horizon | floor train / test | ntkflow train / test | "
           "baseline train / test | ntkflow own train / test | baseline own train / test |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -108,7 +93,8 @@ def main() -> None:
         key = f"{loss}-{horizon}-{factor}"
         predict = ntk.predict.gradient_descent(loss_fn(loss), k, y)
         ours = predict(t, f0, f0_test, k_test)
-        base = _baseline(loss, t, k, k_test, y, f0, f0_test)
+        base = worker.baseline_fn(loss, count=False)(
+            f0, f0_test, k, k_test, y, jnp.asarray([0.0, t], jnp.float32))
 
         def err(out, kind: str, key: str = key) -> str:  # noqa: ANN001
             e = [np.max(np.abs(np.asarray(o, np.float64) - refs[f"{key}-{kind}-{part}"]))

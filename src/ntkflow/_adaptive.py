@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from ntkflow._compensated import compensate, dot2, two_sum
+from ntkflow._compensated import compensate, dot2_split, two_sum
 from ntkflow._dynamics import Dynamics, FlatState, rms
 from ntkflow._eigen import Eigen, phi1
 from ntkflow._solvers import AbstractSolver, SolveInfo, end_of_training_test
@@ -322,16 +322,10 @@ def _with_integrals(f: Array, q: Array | None, v: Array, v_lo: Array | None, s1:
     """
     if not compensate(f.dtype):
         return FlatState(f, q, v @ s1, None if s2 is None else v @ s2)
-    s1, s1_lo = _dot2_split(v, v_lo, s1)
-    s2, s2_lo = (None, None) if s2 is None else _dot2_split(v, v_lo, s2)
+    s1, s1_lo = dot2_split(v, v_lo, s1)
+    s2, s2_lo = (None, None) if s2 is None else dot2_split(v, v_lo, s2)
     zq = None if q is None else jnp.zeros_like(q)
     return FlatState(f, q, s1, s2, FlatState(jnp.zeros_like(f), zq, s1_lo, s2_lo))
-
-
-def _dot2_split(v: Array, v_lo: Array | None, x: Array) -> tuple[Array, Array]:
-    """``(v + v_lo) @ x`` as ``hi + lo``: ``dot2(v, x)`` plus ``v_lo @ x`` (if known)."""
-    hi, lo = dot2(v, x)
-    return (hi, lo) if v_lo is None else (hi, lo + v_lo @ x)
 
 
 def _sum_integrals(y: FlatState, s1: tuple[Array, Array], s2: tuple[Array, Array] | None,

@@ -39,7 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-__all__ = ["DoubleWord", "compensate", "dot2", "dw_add", "minus_product", "two_prod", "two_sum"]
+__all__ = [
+    "DoubleWord", "compensate", "dot2", "dot2_split", "dw_add", "minus_product", "two_prod",
+    "two_sum",
+]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -139,6 +142,13 @@ def dot2(a: Array, x: Array, x_lo: Array | None = None) -> tuple[Array, Array]:
         small = small + jnp.matmul(jnp.concatenate([a_lo, a], axis=-1),
                                    jnp.concatenate([x, x_lo], axis=-2), precision=_HIGHEST)
     return two_sum(exact, small)
+
+
+def dot2_split(a: Array, a_lo: Array | None, x: Array) -> tuple[Array, Array]:
+    """``(a + a_lo) @ x`` as ``hi + lo``: :func:`dot2` of ``a`` and ``x``, plus ``a_lo @ x``
+    where ``a``'s own rounding error ``a_lo`` is known (e.g. ``Eigen.evecs_lo``)."""
+    hi, lo = dot2(a, x)
+    return (hi, lo) if a_lo is None else (hi, lo + a_lo @ x)
 
 
 def minus_product(base: Array, a: Array, x: Array, x_lo: Array | None = None) -> Array:

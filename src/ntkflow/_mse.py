@@ -36,7 +36,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ntkflow._compensated import compensate, dot2, minus_product
+from ntkflow._compensated import compensate, dot2, dot2_split, minus_product
 from ntkflow._eigen import Eigen, phi1
 
 __all__ = ["MSEFlow"]
@@ -80,19 +80,16 @@ class MSEFlow(eqx.Module):
     ) -> Float[Array, "m p k"]:
         """``f_test(tau) - f_test(0)`` for residual ``r0 = f0 - y``: ``-K_test S(tau)``."""
         coeff = self.eigen.to_eigenbasis(r0)
-        if not compensate(r0.dtype):
-            kv = k_test @ self.eigen.evecs
-            return -jnp.einsum("pi,mi,ik->mpk", kv, self.decay(tau), coeff)
-        # Single precision (module docstring), whichever product is smaller: S = (V + V_lo)
-        # (phi * coeff), compensated, then K_test S, or K_test (V + V_lo) compensated once
-        # for all times.
         v, v_lo = self.eigen.evecs, self.eigen.evecs_lo
         (p, n), (m, k) = k_test.shape, (tau.shape[0], r0.shape[1])
-        if (n + p) * k * m <= p * n:
-            s = self.decay(tau)[:, :, None] * coeff[None]
-            hi, lo = dot2(v, s)
-            if v_lo is not None:
-                lo = lo + v_lo @ s
+        if compensate(r0.dtype) and (n + p) * k * m <= p * n:
+            # Few times (module docstring): S = (V + V_lo) (phi * coeff) first, compensated.
+            hi, lo = dot2_split(v, v_lo, self.decay(tau)[:, :, None] * coeff[None])
             return minus_product(jnp.zeros((), hi.dtype), k_test, hi, lo)
-        hi, lo = dot2(k_test, v, v_lo)
-        return -jnp.einsum("pi,mi,ik->mpk", hi + lo, self.decay(tau), coeff)
+        # K_test V once for all times (in single precision compensated, with V_lo).
+        if compensate(r0.dtype):
+            hi, lo = dot2(k_test, v, v_lo)
+            kv = hi + lo
+        else:
+            kv = k_test @ v
+        return -jnp.einsum("pi,mi,ik->mpk", kv, self.decay(tau), coeff)

@@ -119,7 +119,8 @@ def _on_range(y: FlatState, eigen: Eigen) -> FlatState:
     def project(s: Array | None) -> Array | None:
         if s is None:
             return None
-        return s - eigen.evecs @ jnp.where(eigen.null[:, None], eigen.evecs_t @ s, 0.0)
+        return s - eigen.from_eigenbasis(
+            jnp.where(eigen.null[:, None], eigen.to_eigenbasis(s), 0.0))
 
     lo = None if y.lo is None else FlatState(y.lo.f, y.lo.q, project(y.lo.s1),
                                              project(y.lo.s2))
