@@ -137,7 +137,8 @@ def _comb(coeffs: np.ndarray, xs: list[Array], scale: float | Array = 1.0) -> Ar
 
 class _Carry(NamedTuple):
     """``z = V^T F``, ``q = V^T Q`` (momentum); ``b``, ``c``: gradient integrals on null
-    modes; ``f = F`` and ``gz = V^T G(F)``, carried to save products."""
+    modes; ``f = F``, ``gz = V^T G(F)`` and ``fq = Q`` (momentum), carried to save
+    products."""
 
     z: Array
     q: Array | None
@@ -145,6 +146,7 @@ class _Carry(NamedTuple):
     c: Array | None
     f: Array
     gz: Array
+    fq: Array | None = None
 
 
 class _Space(NamedTuple):
@@ -311,11 +313,12 @@ class Rodas5P(EigenbasisSolver):
         q = None if y0.q is None else space.to_eigenbasis(space.flat(y0.q))
         zeros = jnp.zeros_like(z)
         gz = space.to_eigenbasis(space.grad(f))
-        return _Carry(z, q, zeros, None if q is None else zeros, f, gz)
+        fq = None if y0.q is None else space.flat(y0.q)
+        return _Carry(z, q, zeros, None if q is None else zeros, f, gz, fq)
 
     @staticmethod
     def _outputs(space: _Space, x: _Carry) -> FlatState:
-        q = None if x.q is None else space.flat(space.from_eigenbasis(x.q))
+        q = None if x.fq is None else space.flat(x.fq)
         return FlatState(space.flat(x.f), q, None, None)
 
     def _step(
@@ -384,8 +387,22 @@ class Rodas5P(EigenbasisSolver):
     def _step_momentum(
         self, space: _Space, x: _Carry, h: Array, rtol: float, atol: float
     ) -> tuple[_Carry, Array]:
+        """One step with momentum.
+
+        Every vector of a stage is a combination of the step's start (``q``) and of the
+        earlier stages' solutions, so its image ``V Sc p`` and its product ``M Sc p``
+        follow from theirs (the conjugate-gradient iterations accumulate them for the
+        solutions): outside those iterations a stage costs one product with the
+        eigenvectors (``V^T G`` at the stage's outputs) and a step four more (``M q``;
+        ``V z``, ``V q`` and ``V^T G`` at its end), 11 in all, where multiplying each
+        stage's own vectors cost 32 (log-cosh, n = 1024, converged horizon: the same 121
+        steps and outputs, 29% less time). The step's end is multiplied afresh rather
+        than assembled: assembled over many steps, the outputs drifted from ``V z``
+        where steps are long (relative error 7e-5 at ``t = 1e12``, 1e-13 multiplied).
+        """
         dyn = space.dyn
         assert dyn.damping is not None and x.q is not None and x.c is not None
+        assert x.fq is not None
         op, curv, null = self._setup(space, x)
         d = jnp.asarray(dyn.damping, x.z.dtype)
         hg = h * _GAMMA
@@ -399,13 +416,19 @@ class Rodas5P(EigenbasisSolver):
         # for the velocity that much more accurately.
         tol = _CG_FORCING_MOMENTUM * (atol + rtol * rms(size)) / jnp.maximum(1.0, hg)
 
-        def full_m(p: Array) -> Array:
-            """``M Sc p`` for a scaled vector with null-mode entries."""
-            return op.m_of_image(op.from_eigenbasis(sc * p))
+        def full_m(p: Array) -> tuple[Array, Array]:
+            """``V Sc p`` and ``M Sc p`` for a scaled vector with null-mode entries."""
+            img = op.from_eigenbasis(sc * p)
+            return img, op.m_of_image(img)
 
+        mq = op.m_of_image(x.fq)  # M Sc (q / sc)
+        ks: list[Array] = []  # position stages, scaled
+        kt: list[Array] = []  # velocity stages, scaled
+        img_ks: list[Array] = []  # V Sc Ks
+        img_kt: list[Array] = []
+        m_ks: list[Array] = []  # M Sc Ks
+        m_kt: list[Array] = []
         sols: list[_Solution] = []
-        ks: list[Array] = []
-        kt: list[Array] = []
         kbs: list[Array] = []
         kcs: list[Array] = []
         ok = jnp.ones((), bool)
@@ -413,46 +436,52 @@ class Rodas5P(EigenbasisSolver):
             if i == 0:
                 gz, q = x.gz, x.q
             else:
-                zi = x.z + sc * _comb(_A[i, :i], ks)
                 q = x.q + sc * _comb(_A[i, :i], kt)
-                gz = op.to_eigenbasis(space.grad(op.from_eigenbasis(zi)))
+                gz = op.to_eigenbasis(space.grad(x.f + _comb(_A[i, :i], img_ks)))
             t = q * inv_sc
             ra = t + _comb(_C[i, :i], ks, 1.0 / h)
             rb = -op.sq * gz + d * t + _comb(_C[i, :i], kt, 1.0 / h)
+            # ra = q / sc + sum_j (a_ij Kt_j + c_ij / h Ks_j): its image and M-product
+            # from those of q and the earlier stages.
+            img_ra = x.fq + _comb(_A[i, :i], img_kt) + _comb(_C[i, :i], img_ks, 1.0 / h)
+            m_ra = mq + _comb(_A[i, :i], m_kt) + _comb(_C[i, :i], m_ks, 1.0 / h)
             # (sigma I + beta Sq M Sc) Kt = hg rb - beta Sq M Sc ra; then Ks = hg (ra + Kt).
-            m_ra = full_m(ra)
             rhs = hg * rb - beta * op.sq * m_ra
             kt_null = jnp.where(null, rhs / sigma, 0.0)
-            m_null = jax.lax.cond(
-                jnp.any(kt_null != 0), full_m, jnp.zeros_like, kt_null
+            img_null, m_null = jax.lax.cond(
+                jnp.any(kt_null != 0), full_m,
+                lambda p: (jnp.zeros_like(x.f), jnp.zeros_like(p)), kt_null
             )
             rhs = jnp.where(null, 0.0, rhs - beta * op.sq * m_null)
             sol, conv = _pcg(op, rhs, sigma, beta, pinv, tol, sols)
             sols.append(sol)
-            kt_nn, mx = sol.x, sol.mx
-            kti = kt_nn + kt_null
-            ks.append(hg * (ra + kti))
+            kti = sol.x + kt_null
             kt.append(kti)
+            img_kt.append(sol.img + img_null)
+            m_kt.append(sol.mx + m_null)
+            ks.append(hg * (ra + kti))
+            img_ks.append(hg * (img_ra + img_kt[-1]))
+            m_ks.append(hg * (m_ra + m_kt[-1]))
             ok = ok & conv
             if dyn.with_test:
                 # b' = V_null^T G + d b, c' = b: exact Jacobian rows.
-                m_ks = hg * (m_ra + mx + m_null)  # M Sc Ks
                 bi = x.b + _comb(_A[i, :i], kbs)
                 rbq = gz + d * bi + _comb(_C[i, :i], kbs, 1.0 / h)
                 rcq = bi + _comb(_C[i, :i], kcs, 1.0 / h)
-                kb = jnp.where(null, hg * (rbq + m_ks) / sigma, 0.0)
+                kb = jnp.where(null, hg * (rbq + m_ks[-1]) / sigma, 0.0)
                 kc = jnp.where(null, hg * (rcq + kb), 0.0)
                 kbs.append(kb)
                 kcs.append(kc)
         z = x.z + sc * _comb(_M, ks)
         q = x.q + sc * _comb(_M, kt)
         f = op.from_eigenbasis(z)
+        fq = op.from_eigenbasis(q)
         if dyn.with_test:
             b = x.b + _comb(_M, kbs)
             c = x.c + _comb(_M, kcs)
         else:
             b, c = x.b, x.c
-        new = _Carry(z, q, b, c, f, op.to_eigenbasis(space.grad(f)))
+        new = _Carry(z, q, b, c, f, op.to_eigenbasis(space.grad(f)), fq)
         scale = atol + rtol * jnp.maximum(rms(size), rms(jnp.stack([z, q])))
         err = rms(jnp.stack([sc * _comb(_E, ks), sc * _comb(_E, kt)])) / scale
         return new, jnp.where(ok | ~jnp.isfinite(err), err, jnp.maximum(err, _REJECT))
