@@ -358,7 +358,6 @@ def test_rodas5p_in_either_layout_gives_the_same_solve(momentum):
         flat: bool = eqx.field(static=True, default=False)
 
         def _space(self, dyn, eig):
-            # (Production uses the transposed layout without momentum only; both work.)
             space = _rosenbrock._Space(eig, dyn, None if self.flat else dyn.transposed())
             used.append((self.flat, space.field is None))
             return space
