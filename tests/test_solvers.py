@@ -852,9 +852,10 @@ def test_dopri5_continuous_extension_weights():
             assert abs(w @ c**p - theta ** (p + 1) / (p + 1)) < (1e-12 if X64 else 1e-6)
 
 
-def test_dopri5_step_tolerances():
-    """The user's tolerances in float64; in float32 a tenth, but not below eps."""
-    solver = Dopri5()
+@pytest.mark.parametrize("solver", [Dopri5(), Rodas5P()], ids=["dopri5", "rodas5p"])
+def test_float32_step_tolerances_are_a_tenth(solver):
+    """Dopri5's and the Rosenbrock method's finite-time steps: the user's tolerances in
+    float64; in float32 a tenth, but not below eps."""
     assert solver.step_tolerances(1.4e-8, 2e-8, np.float64) == (1.4e-8, 2e-8)
     assert solver.step_tolerances(1e-3, 1e-3, np.float32) == pytest.approx((1e-4, 1e-4))
     eps = float(np.finfo(np.float32).eps)
@@ -869,10 +870,12 @@ def test_float32_solves_match_the_predecessors_float32_accuracy():
     test state), against float64 solves from the unrounded inputs: cross-entropy and
     log-cosh (Dormand-Prince with a compensated state; the Rosenbrock method) and MSE (the
     Chebyshev expansion; the exponential integrator) at S = 10 and 1000, two problems each.
-    Measured error ratios: geometric mean 0.52, largest 1.8 (log-cosh, Rosenbrock, S =
-    1000); before the compensated states, products and Chebyshev recurrence, with Tsit5:
-    2.3 and 5.5."""
+    Measured error ratios: geometric mean 0.49, largest 1.7 (MSE, Chebyshev, S = 10);
+    log-cosh with the Rosenbrock method (S = 1000) 1.39 and 1.18, 1.8 before its float32
+    steps were controlled to a tenth of the tolerances; before the compensated states,
+    products and Chebyshev recurrence, with Tsit5: 2.3 and 5.5."""
     ratios = []
+    rosenbrock = []
     for loss in (cross_entropy, log_cosh, mse):
         solve = jax.jit(functools.partial(_odeint_baseline, loss))  # one compilation per loss
         for seed in range(2):
@@ -894,6 +897,9 @@ def test_float32_solves_match_the_predecessors_float32_accuracy():
                                for a, b in zip(out, ref, strict=True))
 
                 ratios.append(err(got) / err((base[0][-1], base[1][-1])))
+                if loss is log_cosh and s > 10:
+                    rosenbrock.append(ratios[-1])
     ratios = np.array(ratios)
     assert np.exp(np.mean(np.log(ratios))) < 0.8, ratios
-    assert ratios.max() < 2.5, ratios
+    assert ratios.max() < 2.0, ratios
+    assert max(rosenbrock) < 1.5, rosenbrock

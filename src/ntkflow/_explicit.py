@@ -54,6 +54,7 @@ from ntkflow._solvers import (
     SolveInfo,
     end_of_training_test,
     explicit_end_tolerances,
+    scaled_tolerances,
 )
 
 __all__ = ["Dopri5", "Tsit5", "Tableau", "integrate", "converge", "step_tolerances"]
@@ -426,16 +427,7 @@ def step_tolerances(rtol: float, atol: float, dtype: Any) -> tuple[float, float]
     the trajectory, so earlier step errors decay, and the convergence test sets the
     accuracy of the limit.
     """
-    return _scaled_tolerances(rtol, atol, dtype, _LOCAL_FRACTION, _ROUNDOFF_EPS)
-
-
-def _scaled_tolerances(rtol: float, atol: float, dtype: Any, fraction: float,
-                       roundoff_eps: float) -> tuple[float, float]:
-    """Both tolerances scaled by ``max(fraction, min(1, roundoff_eps * eps / rtol))``: a
-    fraction of them, but not below ``roundoff_eps`` float epsilons."""
-    floor = roundoff_eps * float(jnp.finfo(dtype).eps)
-    scale = max(fraction, min(1.0, floor / rtol))
-    return rtol * scale, atol * scale
+    return scaled_tolerances(rtol, atol, dtype, _LOCAL_FRACTION, _ROUNDOFF_EPS)
 
 
 class _OwnLoopSolver(DiffraxSolver):
@@ -531,7 +523,7 @@ class Dopri5(_OwnLoopSolver):
         """
         if not compensate(dtype):
             return rtol, atol
-        return _scaled_tolerances(rtol, atol, dtype, 0.1, 1.0)
+        return scaled_tolerances(rtol, atol, dtype, 0.1, 1.0)
 
 
 SOLVERS[Tsit5.name] = Tsit5

@@ -38,7 +38,17 @@ __all__ = [
     "end_of_training_test",
     "explicit_end_tolerances",
     "projected_gradient",
+    "scaled_tolerances",
 ]
+
+
+def scaled_tolerances(rtol: float, atol: float, dtype: Any, fraction: float,
+                      roundoff_eps: float) -> tuple[float, float]:
+    """Both tolerances scaled by ``max(fraction, min(1, roundoff_eps * eps / rtol))``: a
+    fraction of them, but not below ``roundoff_eps`` float epsilons."""
+    floor = roundoff_eps * float(jnp.finfo(dtype).eps)
+    scale = max(fraction, min(1.0, floor / rtol))
+    return rtol * scale, atol * scale
 
 
 class SolveInfo(NamedTuple):

@@ -551,8 +551,9 @@ def gradient_descent(
         ``1.4e-8`` in float64, as neural-tangents; ``1e-6`` in float32). Tsit5
         controls its finite-time steps to a third of them, for about
         neural-tangents' accuracy at the same tolerances (see
-        :func:`ntkflow._explicit.step_tolerances`); in float32 Dopri5 to a tenth,
-        not below ``eps``, where its compensated state reaches the round-off floor
+        :func:`ntkflow._explicit.step_tolerances`); in float32 Dopri5 and the
+        Rosenbrock method to a tenth, not below ``eps``, where the step errors
+        fall to the round-off floor
         (:meth:`ntkflow._explicit.Dopri5.step_tolerances`).
       max_steps: keyword-only; the solver gives up (with an error) after this
         many steps.
