@@ -162,6 +162,12 @@ class EigenbasisSolver(AbstractSolver):
         del dyn
         return eig
 
+    def step_tolerances(self, rtol: float, atol: float, dtype: Any) -> tuple[float, float]:
+        """The tolerances finite-time steps are controlled to (the user's unless a method
+        says otherwise); solves to ``t = inf`` keep the user's."""
+        del dtype
+        return rtol, atol
+
     def _flat(self, space: Any, x: Any) -> Any:
         """The carry ``x`` of ``space`` in the flat layout ``(rows, traced)``."""
         del space
@@ -215,6 +221,7 @@ class EigenbasisSolver(AbstractSolver):
     # -- the contract ---------------------------------------------------------------------------
 
     def integrate(self, dynamics, y0, taus, *, rtol, atol, max_steps):
+        rtol, atol = self.step_tolerances(rtol, atol, y0.f.dtype)
         eig = self._eigen(dynamics)
         space = self._space(dynamics, eig)
         x0 = self._start(dynamics, space, y0)

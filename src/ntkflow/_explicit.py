@@ -55,6 +55,7 @@ from ntkflow._solvers import (
     end_of_training_test,
     explicit_end_tolerances,
     scaled_tolerances,
+    single_precision_tenth,
 )
 
 __all__ = ["Dopri5", "Tsit5", "Tableau", "integrate", "converge", "step_tolerances"]
@@ -521,9 +522,7 @@ class Dopri5(_OwnLoopSolver):
         1.8e-5 (2.2e-5), for 2-20% more time; a third of ``eps`` gave 9e-8 for log-cosh
         but 1.4x the time at S = 10.
         """
-        if not compensate(dtype):
-            return rtol, atol
-        return scaled_tolerances(rtol, atol, dtype, 0.1, 1.0)
+        return single_precision_tenth(rtol, atol, dtype)
 
 
 SOLVERS[Tsit5.name] = Tsit5

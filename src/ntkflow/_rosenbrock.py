@@ -72,10 +72,9 @@ import numpy as np
 from jaxtyping import Array
 
 from ntkflow._adaptive import EigenbasisSolver
-from ntkflow._compensated import compensate
 from ntkflow._dynamics import Dynamics, FlatState, TransposedField, rayleigh_curvature, rms
 from ntkflow._eigen import Eigen, transposed_products
-from ntkflow._solvers import SOLVERS, scaled_tolerances
+from ntkflow._solvers import SOLVERS, single_precision_tenth
 
 __all__ = ["Rodas5P"]
 
@@ -321,14 +320,7 @@ class Rodas5P(EigenbasisSolver):
         Solves to ``t = inf`` keep the user's tolerances (the convergence test sets the
         limit's accuracy).
         """
-        if not compensate(dtype):
-            return rtol, atol
-        return scaled_tolerances(rtol, atol, dtype, 0.1, 1.0)
-
-    def integrate(self, dynamics, y0, taus, *, rtol, atol, max_steps):
-        rtol, atol = self.step_tolerances(rtol, atol, y0.f.dtype)
-        return super().integrate(dynamics, y0, taus, rtol=rtol, atol=atol,
-                                 max_steps=max_steps)
+        return single_precision_tenth(rtol, atol, dtype)
 
     def _flat(self, space: _Space, x: _Carry) -> _Carry:
         return jax.tree.map(space.flat, x)

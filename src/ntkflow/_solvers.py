@@ -39,6 +39,7 @@ __all__ = [
     "explicit_end_tolerances",
     "projected_gradient",
     "scaled_tolerances",
+    "single_precision_tenth",
 ]
 
 
@@ -49,6 +50,14 @@ def scaled_tolerances(rtol: float, atol: float, dtype: Any, fraction: float,
     floor = roundoff_eps * float(jnp.finfo(dtype).eps)
     scale = max(fraction, min(1.0, floor / rtol))
     return rtol * scale, atol * scale
+
+
+def single_precision_tenth(rtol: float, atol: float, dtype: Any) -> tuple[float, float]:
+    """The user's tolerances in double precision; in single precision a tenth of them, but
+    not below ``eps`` (the step tolerances of Dopri5 and the Rosenbrock method)."""
+    if jnp.finfo(dtype).eps <= 1e-10:
+        return rtol, atol
+    return scaled_tolerances(rtol, atol, dtype, 0.1, 1.0)
 
 
 class SolveInfo(NamedTuple):
