@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from ntkflow._compensated import compensate
 from ntkflow._dynamics import Dynamics, FlatState, rms
 from ntkflow._eigen import Eigen
 
@@ -55,7 +56,7 @@ def scaled_tolerances(rtol: float, atol: float, dtype: Any, fraction: float,
 def single_precision_tenth(rtol: float, atol: float, dtype: Any) -> tuple[float, float]:
     """The user's tolerances in double precision; in single precision a tenth of them, but
     not below ``eps`` (the step tolerances of Dopri5 and the Rosenbrock method)."""
-    if jnp.finfo(dtype).eps <= 1e-10:
+    if not compensate(dtype):
         return rtol, atol
     return scaled_tolerances(rtol, atol, dtype, 0.1, 1.0)
 
