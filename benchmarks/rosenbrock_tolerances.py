@@ -8,7 +8,8 @@ runs to completion:
 
 * problems: a power-law spectrum over a condition number of 1e4 in random eigenvectors
   (48 train and 16 test points, 4 outputs), one-hot or Gaussian targets (scale 2), three
-  seeds; losses log-cosh and pseudo-Huber ``sqrt(1 + r^2) - 1``;
+  seeds; losses log-cosh (``bench_solvers.log_cosh``) and pseudo-Huber
+  ``sqrt(1 + r^2) - 1``;
 * horizons: ``S = 10 sqrt(cond)`` ("mid") and ``S = 1000`` (``S = c lam_max t``, as in
   ``bench_solvers.py``), where ``solver="auto"`` picks this method for the one-hot
   targets (for the Gaussian ones, whose larger residuals flatten the losses, Tsit5);
@@ -30,7 +31,9 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 os.environ.setdefault("JAX_ENABLE_X64", "1")
 
@@ -42,14 +45,13 @@ from jax.experimental.ode import odeint  # noqa: E402
 
 import ntkflow as nt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_solvers import horizon_time, log_cosh  # noqa: E402
+
 TOL = 1.4e-8  # the predecessor's default rtol = atol
 MULTIPLES = (1, 2, 3, 5, 10)
 N, N_TEST, OUTPUTS, COND = 48, 16, 4, 1e4
-
-
-def log_cosh(f: Array, y: Array) -> Array:
-    r = f - y
-    return jnp.mean(jnp.abs(r) + jnp.log1p(jnp.exp(-2 * jnp.abs(r))) - jnp.log(2.0))
 
 
 def pseudo_huber(f: Array, y: Array) -> Array:
@@ -90,10 +92,11 @@ def main() -> None:
         for gaussian in (False, True):
             for seed in range(3):
                 k_tt, k_st, y, f0, ft0 = problem(seed, gaussian)
-                lam = jnp.linalg.eigvalsh(k_tt)
-                horizons = {"mid": 10 * y.size / jnp.sqrt(lam.max() * lam.min()),
+                lam = np.linalg.eigvalsh(np.asarray(k_tt))
+                horizons = {"mid": horizon_time("mid", "logcosh", lam, y.size),
                             "S=1000": 1e3 * y.size / lam.max()}
                 for name, t in horizons.items():
+                    assert t is not None
                     t = float(t)
                     ref = nt.predict.gradient_descent(
                         loss, k_tt, y, solver="rodas5p", rtol=1e-13, atol=1e-13,
