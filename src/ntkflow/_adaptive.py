@@ -99,13 +99,16 @@ class EigenbasisSolver(AbstractSolver):
 
     @abc.abstractmethod
     def _step(
-        self, dyn: Dynamics, eig: Any, x: Any, h: Array, rtol: float, atol: float
+        self, dyn: Dynamics, eig: Any, x: Any, h: Array, rtol: float, atol: float,
+        left: Array | None = None,
     ) -> tuple[Any, Array]:
         """One step of size ``h``: the new carry and the error relative to the tolerance.
 
         The step is accepted if ``err <= 1``; a large finite ``err`` rejects it (the
         next try is 5x shorter); a non-finite ``err`` ends the solve as failed
-        (non-finite values).
+        (non-finite values). ``left``: the time from the step's end to the next output
+        time (``None`` in solves to ``t = inf``), which a method may use to weigh its
+        error (:class:`ntkflow._rosenbrock.Rodas5P`).
         """
 
     # -- shared machinery -----------------------------------------------------------------------
@@ -248,7 +251,8 @@ class EigenbasisSolver(AbstractSolver):
             x1, err = jax.lax.cond(
                 at_target,
                 lambda: (x, jnp.zeros((), h.dtype)),
-                lambda: self._step(dynamics, space, x, h_try, rtol, atol),
+                lambda: self._step(dynamics, space, x, h_try, rtol, atol,
+                                   left=target - tau - h_try),
             )
             accept = (err <= 1.0) & ~at_target
             hit = h_try >= target - tau

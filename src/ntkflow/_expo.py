@@ -99,8 +99,10 @@ class Expo(EigenbasisSolver):
     # -- one step -------------------------------------------------------------------------------
 
     def _step(
-        self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float
+        self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float,
+        left: Array | None = None,
     ) -> tuple[_Carry, Array]:
+        del left  # errors are not weighed by the time to the next output
         lam = eig.evals[:, None]
         f = eig.from_eigenbasis(x.z)
         g, c = dyn.gradient_and_curvature(f)

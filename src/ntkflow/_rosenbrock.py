@@ -46,6 +46,13 @@ with the matrix are known), which halves the iterations. A solve that does
 not converge in 25 iterations rejects the step (the next try is shorter, so
 the system is better conditioned).
 
+**Error weight.** Without momentum, a finite-time step's error estimate is weighed by the
+decay the dynamics give it before the next output time, :math:`\max(10^{-2}, e^{-c
+\lambda_\min L / 2})` (:meth:`Rodas5P._decay_weight`): over a long horizon the early
+steps, whose errors the slowest mode damps by that factor, may be up to 100x less
+accurate (log-cosh, n = 1024, converged horizon: 37 steps instead of 94, error 6.5e-10
+instead of 3.9e-10).
+
 **Layout.** On CPU, with 2-16 outputs per row, the steps work on transposed arrays,
 ``(traced, rows)`` (:class:`_Space`), as the explicit loop does: the same steps, less
 time per step where the products do not dominate it (log-cosh, same solve, transposed
@@ -125,6 +132,10 @@ _CG_FORCING = 3e-2  # plain gradient descent
 _CG_FORCING_MOMENTUM = 1e-2  # the velocity stages feed the positions (see _step_momentum)
 _CG_MAX_ITER = 25
 _REJECT = 1e6  # error reported for a step whose linear solve did not converge
+#: Finite-time steps without momentum: the error weight ``max(_DECAY_FLOOR, exp(-_DECAY_RATE
+#: c lam_min L))`` (see :meth:`Rodas5P._decay_weight`).
+_DECAY_FLOOR = 1e-2
+_DECAY_RATE = 0.5
 
 
 def _comb(coeffs: np.ndarray, xs: list[Array], scale: float | Array = 1.0) -> Array:
@@ -340,11 +351,40 @@ class Rodas5P(EigenbasisSolver):
         return FlatState(space.flat(x.f), q, None, None)
 
     def _step(
-        self, dyn: Dynamics, space: _Space, x: _Carry, h: Array, rtol: float, atol: float
+        self, dyn: Dynamics, space: _Space, x: _Carry, h: Array, rtol: float, atol: float,
+        left: Array | None = None,
     ) -> tuple[_Carry, Array]:
         if x.q is None:
-            return self._step_gd(space, x, h, rtol, atol)
+            return self._step_gd(space, x, h, rtol, atol, left)
         return self._step_momentum(space, x, h, rtol, atol)
+
+    @staticmethod
+    def _decay_weight(eig: Eigen, curv: Array, left: Array) -> Array:
+        r"""The weight of a finite-time step's error without momentum: :math:`w = \max(
+        10^{-2}, e^{-c \lambda_\min L / 2})`, with :math:`L` the time from the step's end
+        to the next output time, :math:`c` the step's mean loss curvature (the
+        preconditioner's) and :math:`\lambda_\min` the smallest non-null eigenvalue.
+
+        An error made now reaches the output damped as the dynamics contract: linearized
+        with curvature :math:`c`, every non-null mode decays at least as
+        :math:`e^{-c \lambda_\min L}`; half that rate allows for curvature below the mean
+        (and for the coupling of modes through a curvature that varies), and the floor
+        keeps the step's error within 100 times the tolerance. Near the output time, and
+        for horizons short against :math:`1 / (c \lambda_\min)`, :math:`w \approx 1`: the
+        steps are controlled as before. Measured (log-cosh, float64): at the converged
+        horizon (:math:`S = 10^5`) n = 1024 takes 37 steps instead of 94 (0.74 s instead of
+        1.58 s), error 6.5e-10 against 3.9e-10 (the predecessor's 1.6e-7); at the mid
+        horizon 40 steps either way. On the small problems of
+        ``benchmarks/rosenbrock_tolerances.py`` the errors at finite horizons stay as often
+        above the predecessor's as without the weight (0 of 12 with one-hot targets, 6 of
+        12 with Gaussian ones, against 1 and 6). Solves to ``t = inf`` and with momentum
+        (whose decay rates depend on the damping) are controlled unweighted.
+        """
+        lam = jnp.where(eig.null, jnp.inf, eig.evals)
+        lam_min = jnp.min(lam)
+        lam_min = jnp.where(jnp.isfinite(lam_min), lam_min, 0.0)
+        decay = jnp.exp(-_DECAY_RATE * curv * lam_min * jnp.maximum(left, 0.0))
+        return jax.lax.stop_gradient(jnp.maximum(_DECAY_FLOOR, decay))
 
     @staticmethod
     def _setup(space: _Space, x: _Carry) -> tuple[_Operator, Array, Array]:
@@ -368,7 +408,8 @@ class Rodas5P(EigenbasisSolver):
         return _Operator(space, sq, hvp), rayleigh_curvature(probe, hvp(probe)), null
 
     def _step_gd(
-        self, space: _Space, x: _Carry, h: Array, rtol: float, atol: float
+        self, space: _Space, x: _Carry, h: Array, rtol: float, atol: float,
+        left: Array | None = None,
     ) -> tuple[_Carry, Array]:
         op, curv, null = self._setup(space, x)
         dyn = space.dyn
@@ -400,6 +441,8 @@ class Rodas5P(EigenbasisSolver):
         new = _Carry(z, None, b, None, f, op.to_eigenbasis(space.grad(f)))
         scale = atol + rtol * jnp.maximum(rms(x.z), rms(z))
         err = rms(op.sq * _comb(_E, xs)) / scale
+        if left is not None:
+            err = err * self._decay_weight(space.eig, curv, left)
         return new, jnp.where(ok | ~jnp.isfinite(err), err, jnp.maximum(err, _REJECT))
 
     def _step_momentum(
