@@ -554,7 +554,10 @@ def gradient_descent(
         :func:`ntkflow._explicit.step_tolerances`); in float32 Dopri5 and the
         Rosenbrock method to a tenth, not below ``eps``, where the step errors
         fall to the round-off floor
-        (:meth:`ntkflow._explicit.Dopri5.step_tolerances`).
+        (:meth:`ntkflow._explicit.Dopri5.step_tolerances`). Without momentum the
+        Rosenbrock method weighs a finite-time step's error by the decay the dynamics give
+        it before the next output time, by up to 100x
+        (:meth:`ntkflow._rosenbrock.Rodas5P._decay_weight`).
       max_steps: keyword-only; the solver gives up (with an error) after this
         many steps.
 
