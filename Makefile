@@ -36,7 +36,7 @@ typecheck: $(STAMP)
 # per run: `make test` runs the two at once, and two multi-threaded BLAS pools on two cores
 # spin against each other (the test building a 4096 x 4096 orthogonal matrix took 26 s
 # instead of 8 s, both precisions at once, and 41 s within the suite; the whole suite took
-# 65-100 s less per precision, 15-16 min in all).
+# 65-100 s less per precision; 15-18 min in all, as the machine's load varies).
 pytest: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 JAX_ENABLE_X64=0 $(PY) -m pytest -q -p no:cacheprovider
 
