@@ -107,7 +107,7 @@ class EigenbasisSolver(AbstractSolver):
         The step is accepted if ``err <= 1``; a large finite ``err`` rejects it (the
         next try is 5x shorter); a non-finite ``err`` ends the solve as failed
         (non-finite values). ``left``: the time from the step's end to the next output
-        time (``None`` in solves to ``t = inf``), which a method may use to weigh its
+        time (``inf`` in solves to ``t = inf``), which a method may use to weigh its
         error (:class:`ntkflow._rosenbrock.Rodas5P`).
         """
 
@@ -288,6 +288,10 @@ class EigenbasisSolver(AbstractSolver):
         h0 = self._initial_h(dynamics, y0, rtol, atol)
         test = end_of_training_test(dynamics, eigen, y0, rtol, atol, active)
 
+        # No output time ahead: the end point is the attracting fixed point, whatever the
+        # path (a method may weigh its step errors by that).
+        no_output = jnp.asarray(jnp.inf, h0.dtype)
+
         def is_done(x):
             return test(self._outputs(space, x))
 
@@ -297,7 +301,7 @@ class EigenbasisSolver(AbstractSolver):
 
         def body(c):
             tau, x, h, n, done, ok, hist = c
-            x1, err = self._step(dynamics, space, x, h, rtol, atol)
+            x1, err = self._step(dynamics, space, x, h, rtol, atol, left=no_output)
             accept = err <= 1.0
             tau = jnp.where(accept, tau + h, tau)
             x = jax.tree.map(lambda a, b: jnp.where(accept, a, b), x1, x)

@@ -554,10 +554,11 @@ def gradient_descent(
         :func:`ntkflow._explicit.step_tolerances`); in float32 Dopri5 and the
         Rosenbrock method to a tenth, not below ``eps``, where the step errors
         fall to the round-off floor
-        (:meth:`ntkflow._explicit.Dopri5.step_tolerances`). Without momentum the
-        Rosenbrock method weighs a finite-time step's error by the decay the dynamics give
-        it before the next output time, by up to 100x
-        (:meth:`ntkflow._rosenbrock.Rodas5P._decay_weight`).
+        (:meth:`ntkflow._explicit.Dopri5.step_tolerances`). The Rosenbrock method
+        weighs a step's error by the decay the dynamics give it before the next output
+        time, by up to 100x, the most at ``t = inf``, whose end point does not depend
+        on the path (:meth:`ntkflow._rosenbrock.Rodas5P._decay_weight`); there the
+        convergence test sets the accuracy.
       max_steps: keyword-only; the solver gives up (with an error) after this
         many steps.
 
