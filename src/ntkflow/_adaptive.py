@@ -100,7 +100,7 @@ class EigenbasisSolver(AbstractSolver):
     @abc.abstractmethod
     def _step(
         self, dyn: Dynamics, eig: Any, x: Any, h: Array, rtol: float, atol: float,
-        left: Array | None = None,
+        left: Array,
     ) -> tuple[Any, Array]:
         """One step of size ``h``: the new carry and the error relative to the tolerance.
 

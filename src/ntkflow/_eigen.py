@@ -109,6 +109,10 @@ class Eigen(eqx.Module):
             return _finish(raw, vecs, lowest, vecs_lo)
         return _eigen_of(k)
 
+    def smallest_nonnull(self) -> Float[Array, ""]:
+        """The smallest eigenvalue not treated as zero (``inf`` if every one is)."""
+        return jnp.min(jnp.where(self.null, jnp.inf, self.evals))
+
     def to_eigenbasis(self, x: Float[Array, "n ..."]) -> Float[Array, "n ..."]:
         """``V^T x``."""
         if x.ndim == 2:

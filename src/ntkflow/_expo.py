@@ -100,7 +100,7 @@ class Expo(EigenbasisSolver):
 
     def _step(
         self, dyn: Dynamics, eig: Eigen, x: _Carry, h: Array, rtol: float, atol: float,
-        left: Array | None = None,
+        left: Array,
     ) -> tuple[_Carry, Array]:
         del left  # errors are not weighed by the time to the next output
         lam = eig.evals[:, None]

@@ -170,8 +170,7 @@ def converged(
     else:
         coast = jnp.zeros((), y.f.dtype)
     eps = jnp.finfo(y.f.dtype).eps
-    evals = eigen.evals
-    cond = jnp.max(evals) / jnp.min(jnp.where(eigen.null, jnp.inf, evals))
+    cond = jnp.max(eigen.evals) / eigen.smallest_nonnull()
     floor = 10 * eps * jnp.minimum(cond, 1 / eps) * rms(y.f)
     tol = jnp.maximum(atol + rtol * rms(y.f), floor)
     outputs_done = remaining + coast <= tol
