@@ -79,3 +79,58 @@ def test_dot2_batches_over_leading_axes():
 def test_only_single_precision_is_compensated():
     assert compensate(np.float32) and compensate(jnp.bfloat16)
     assert not compensate(np.float64)
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The ``precision`` of every float32 ``dot_general`` in ``jaxpr`` and the jaxprs it
+    calls (compiled calls, loops, branches)."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and all(
+                v.aval.dtype == jnp.float32 for v in eqn.invars):
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(sub, ClosedJaxpr):
+                    found += _dot_precisions(sub.jaxpr)
+                elif isinstance(sub, Jaxpr):
+                    found += _dot_precisions(sub)
+    return found
+
+
+def test_predictors_compute_float32_products_at_full_precision():
+    """Accelerators' default float32 products are TF32 (GPU) or bfloat16 passes (TPU);
+    the predictors trace theirs at ``"highest"``, whatever the caller's default."""
+    import jax
+
+    import ntkflow as nt
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 6))
+    k = jnp.asarray(a @ a.T / 6, jnp.float32)
+    y = jnp.asarray(np.eye(3)[rng.integers(0, 3, 6)], jnp.float32)
+    kt = jnp.asarray(rng.standard_normal((4, 6)), jnp.float32)
+    f0, ft0 = jnp.zeros((6, 3), jnp.float32), jnp.zeros((4, 3), jnp.float32)
+
+    def ce(f, y):
+        return -jnp.mean(jax.nn.log_softmax(f) * y)
+
+    def mse(f, y):
+        return 0.5 * jnp.mean((f - y) ** 2)
+
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    with jax.default_matmul_precision("bfloat16"):  # a caller's (or an accelerator's) default
+        calls = {
+            "mse": (nt.predict.gradient_descent_mse(k, y), 2.0),
+            "tsit5": (nt.predict.gradient_descent(ce, k, y, solver="tsit5"), 2.0),
+            "rodas5p": (nt.predict.gradient_descent(ce, k, y, 1.0, 0.9, solver="rodas5p"), 2.0),
+            "discrete": (nt.predict.gradient_descent_discrete(mse, k, y, 0.5), 3),
+            "mse discrete": (nt.predict.gradient_descent_mse_discrete(k, y, 0.5), 3),
+        }
+        for name, (predict, t) in calls.items():
+            jaxpr = jax.make_jaxpr(lambda f, ft, p=predict, t=t: p(t, f, ft, kt))(f0, ft0)
+            precisions = _dot_precisions(jaxpr.jaxpr)
+            assert precisions, name
+            assert all(p == highest for p in precisions), (name, set(precisions))

@@ -72,6 +72,7 @@ from ntkflow._checks import (
     check_symmetric,
     describe,
 )
+from ntkflow._compensated import full_precision
 from ntkflow._eigen import add_diagonal_regularizer
 from ntkflow._typing import float_dtype, is_concrete
 
@@ -387,6 +388,7 @@ class _PredictorBase(eqx.Module):
         flat ``steps`` (``T`` entries); ``bad_step`` is the first step with non-finite
         training outputs, or ``-1``."""
 
+    @full_precision
     def __call__(
         self,
         steps: Any,
@@ -713,6 +715,7 @@ class _DiscretePredictor(_PredictorBase):
         )
 
 
+@full_precision
 def gradient_descent_discrete(
     loss: Callable[[jax.Array, jax.Array], jax.Array],
     k_train_train: Any,
@@ -964,6 +967,7 @@ class _MSEDiscretePredictor(_PredictorBase):
         return max(8, 8 * -(-top.bit_length() // 8))
 
 
+@full_precision
 def gradient_descent_mse_discrete(
     k_train_train: Any,
     y_train: Any,

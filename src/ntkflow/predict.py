@@ -37,6 +37,7 @@ from ntkflow._axes import (
     outputs_from_2d,
     outputs_to_2d,
 )
+from ntkflow._compensated import full_precision
 from ntkflow._discrete import (
     DiscreteState,
     gradient_descent_discrete,
@@ -370,6 +371,7 @@ def _report(info: SolveInfo, scale: Any, out: Any) -> Any:
 # gradient_descent_mse
 
 
+@full_precision
 def gradient_descent_mse(
     k_train_train: ArrayLike,
     y_train: ArrayLike,
@@ -433,6 +435,7 @@ def gradient_descent_mse(
     y_flat = outputs_to_2d(b.y, b.layout)
     lr = learning_rate
 
+    @full_precision
     def predict_fn(
         t: ArrayLike | None = None,
         fx_train_0: ArrayLike | None = 0.0,
@@ -489,6 +492,7 @@ def _resolve_solver(solver: str | AbstractSolver) -> AbstractSolver | str:
     )
 
 
+@full_precision
 def gradient_descent(
     loss: Callable[[Array, Array], Any],
     k_train_train: ArrayLike,
@@ -627,6 +631,7 @@ def gradient_descent(
         scale = jnp.sqrt(jnp.asarray(learning_rate, b.dtype))
         damping = (jnp.asarray(momentum, b.dtype) - 1.0) / scale
 
+    @full_precision
     def predict_fn(
         t: ArrayLike | None = None,
         fx_train_or_state_0: ArrayLike | ODEState | None = 0.0,
