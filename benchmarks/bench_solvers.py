@@ -665,7 +665,12 @@ class Pool:
     def run(self, role: str, bits: int, task: dict) -> dict:
         """Send ``task``; wait as long as the worker's announced deadlines allow."""
         proc, conn = self._start(role, bits)
-        conn.send(task)
+        try:
+            conn.send(task)
+        except OSError:  # the worker died since its last task (BrokenPipeError): a new one
+            self.kill(role, bits)
+            proc, conn = self._start(role, bits)
+            conn.send(task)
         deadline = 120.0 + GRACE  # process start, imports
         while True:
             if not conn.poll(deadline):
