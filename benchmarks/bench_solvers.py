@@ -950,10 +950,17 @@ def machine() -> str:
 
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError):
+        info: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+        if "model name" in info:
+            # Two CPUs with one model name can round float32 sums differently (XLA's
+            # kernels follow the vector width): name the family, model and widest set.
+            flags = info.get("flags", "").split()
+            vector = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "")
+            cpu = (f"{info['model name']} (family {info.get('cpu family', '?')}, "
+                   f"model {info.get('model', '?')}{', ' + vector if vector else ''})")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"CPU: {cpu}, {cores} cores; Python {platform.python_version()}, "
             f"jax {jax.__version__}, diffrax {diffrax.__version__}, numpy {np.__version__}")
