@@ -452,10 +452,10 @@ def test_rodas5p_gives_up_and_says_so():
 
 @pytest.mark.parametrize("columns", [1, 3, 10, 17])
 def test_matmul_agrees_with_the_plain_product(columns):
-    # Both branches of the kernel-product helper (transposed for 2..16 columns on CPU), for
-    # a non-symmetric matrix and its stored transpose (as V and V^T), a symmetric one (as K),
-    # under jit and vmap, and its gradient.
-    from ntkflow._eigen import matmul
+    # Both branches of the kernel-product helpers (the row form for 2..10 columns on CPU),
+    # for a non-symmetric matrix and its stored transpose (as V and V^T), a symmetric one
+    # (as K), under jit and vmap, and its gradient; ``matmul_t`` on transposed arrays.
+    from ntkflow._eigen import matmul, matmul_t
 
     rng = np.random.default_rng(columns)
     a = jnp.asarray(rng.standard_normal((48, 40)), DTYPE)
@@ -463,17 +463,40 @@ def test_matmul_agrees_with_the_plain_product(columns):
     s = a @ a.T
     xs = jnp.asarray(rng.standard_normal((48, columns)), DTYPE)
     tol = 1e-12 if X64 else 1e-5
+    a64, x64, s64, xs64 = (np.asarray(m, np.float64) for m in (a, x, s, xs))
     for got, want in (
-        (jax.jit(matmul)(a, a.T, x), np.asarray(a, np.float64) @ np.asarray(x, np.float64)),
-        (matmul(s, s, xs), np.asarray(s, np.float64) @ np.asarray(xs, np.float64)),
-        (jax.vmap(matmul, (None, None, 0))(a, a.T, jnp.stack([x, 2 * x]))[1],
-         2 * np.asarray(a, np.float64) @ np.asarray(x, np.float64)),
+        (jax.jit(matmul)(a, a.T, x), a64 @ x64),
+        (matmul(s, s, xs), s64 @ xs64),
+        (jax.vmap(matmul, (None, None, 0))(a, a.T, jnp.stack([x, 2 * x]))[1], 2 * a64 @ x64),
+        (jax.jit(matmul_t)(x.T, a, a.T), (a64 @ x64).T),
+        (matmul_t(xs.T, s, s), (s64 @ xs64).T),
     ):
         assert got.shape == want.shape
         assert rel_err(got, want) < tol
     grad = jax.grad(lambda x: jnp.sum(jnp.sin(matmul(a, a.T, x))))(x)
     want = a.T @ jnp.cos(a @ x)
     assert rel_err(grad, want) < tol
+    grad_t = jax.grad(lambda x_t: jnp.sum(jnp.sin(matmul_t(x_t, a, a.T))))(x.T)
+    assert rel_err(grad_t, want.T) < tol
+
+
+def test_row_products_where_measured_faster():
+    """The row form ``x^T A^T`` only for 2-10 columns and kernels of at most 1024 rows in
+    float32, 256 in float64 (on CPU); the transposed layout for 2-16 columns up to 2048
+    rows, its products in either form."""
+    from ntkflow._eigen import row_products, transposed_layout
+
+    cpu = jax.default_backend() == "cpu"
+    assert row_products(256, 10, jnp.float32) == cpu
+    assert row_products(1024, 2, jnp.float32) == cpu
+    assert row_products(256, 10, np.float64) == cpu
+    assert not row_products(1025, 10, jnp.float32)
+    assert not row_products(257, 10, np.float64)  # 0.3-0.9x at n = 384-1024 (Zen 3)
+    assert not row_products(256, 11, jnp.float32)
+    assert not row_products(256, 1, jnp.float32)
+    assert not row_products(64, 10, jnp.float16)  # not measured
+    assert transposed_layout(1024, 10) == cpu and transposed_layout(2048, 16) == cpu
+    assert not transposed_layout(2049, 10) and not transposed_layout(64, 17)
 
 
 @pytest.mark.parametrize("problem", ["stiff", "singular"])

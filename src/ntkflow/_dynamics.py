@@ -40,7 +40,7 @@ from jaxtyping import Array, Float
 
 from ntkflow._axes import Layout, outputs_from_2d, outputs_to_2d
 from ntkflow._compensated import minus_product
-from ntkflow._eigen import Eigen, matmul, phi1
+from ntkflow._eigen import Eigen, matmul, matmul_t, phi1
 
 __all__ = ["FlatState", "FlatLoss", "Dynamics", "TransposedField", "rms", "rayleigh_curvature"]
 
@@ -208,16 +208,17 @@ class TransposedField(eqx.Module):
 
     On CPU XLA vectorizes along an array's last axis, which in the flat layout ``(rows,
     traced)`` holds a handful of outputs (e.g. 10 classes): the loss gradient's
-    entrywise functions and its reductions over the classes run nearly scalar there,
-    and the kernel product needs two transposes (:func:`ntkflow._eigen.matmul`). On
-    transposed arrays the last axis holds the rows and the product is ``G^T K`` (``K``
-    symmetric). The loss still sees its usual shapes, ``F = (F^T)^T`` and the targets
-    from their transposed copy ``targets_t`` (made once), as views XLA fuses into the
-    gradient. Measured (10 classes, n = 256): one loss gradient 24 -> 5.5 us for
-    log-cosh, 6.1 -> 3.2 us for cross-entropy (float32); solves of ntkflow's explicit
+    entrywise functions and its reductions over the classes run nearly scalar there.
+    On transposed arrays the last axis holds the rows and the product is ``G^T K``
+    (``K`` symmetric), in the form :func:`ntkflow._eigen.matmul_t` finds faster. The
+    loss still sees its usual shapes, ``F = (F^T)^T`` and the targets from their
+    transposed copy ``targets_t`` (made once), as views XLA fuses into the gradient.
+    Measured (10 classes, n = 256): one loss gradient 24 -> 5.5 us for log-cosh, 6.1 ->
+    3.2 us for cross-entropy (float32); solves of ntkflow's explicit
     loop (cross-entropy at S = 10 and 1000 and log-cosh at S = 10 with n = 256,
-    cross-entropy at S = 10 with n = 1024) take 22-54% less time in float32 and 9-15%
-    less in float64, with the same steps.
+    cross-entropy at S = 10 with n = 1024) took 22-54% less time in float32 and 9-15%
+    less in float64, with the same steps (on an earlier machine, every product as
+    ``G^T K``).
     """
 
     dynamics: Dynamics
@@ -226,7 +227,7 @@ class TransposedField(eqx.Module):
     def __call__(self, tau: Float[Array, ""], y_t: FlatState) -> FlatState:
         del tau
         g_t = self.gradient(y_t.f)
-        return self.dynamics.field(y_t, g_t, g_t @ self.dynamics.k)
+        return self.dynamics.field(y_t, g_t, matmul_t(g_t, self.dynamics.k, self.dynamics.k))
 
     def gradient(self, f_t: Float[Array, "traced rows"]) -> Float[Array, "traced rows"]:
         """The loss gradient on transposed arrays: ``G(F)^T`` for ``f_t = F^T``,

@@ -18,42 +18,89 @@ from jaxtyping import Array, Bool, Float
 
 from ntkflow._typing import is_concrete
 
-__all__ = ["Eigen", "add_diagonal_regularizer", "matmul", "phi1", "transposed_products"]
+__all__ = [
+    "Eigen",
+    "add_diagonal_regularizer",
+    "matmul",
+    "matmul_t",
+    "phi1",
+    "row_products",
+    "transposed_layout",
+]
 
 
-#: :func:`matmul` multiplies as ``(x^T a^T)^T`` for ``x`` with this many columns, ...
+#: Loops work on transposed arrays (:func:`transposed_layout`) for this many columns, ...
 TRANSPOSED_COLUMNS = (2, 16)
-#: ... and ``a`` with at most this many rows (on CPU).
+#: ... and a kernel with at most this many rows (on CPU).
 TRANSPOSED_MAX_ROWS = 2048
+#: A product ``A x`` is computed as ``(x^T A^T)^T`` (:func:`row_products`) for ``x``
+#: with this many columns, ...
+ROW_PRODUCT_COLUMNS = (2, 10)
+#: ... and ``A`` with at most this many rows, by item size (bytes; on CPU).
+ROW_PRODUCT_MAX_ROWS = {4: 1024, 8: 256}
 
 
-def matmul(a: Float[Array, "n m"], a_t: Float[Array, "m n"], x: Array) -> Array:
-    """``a @ x``, given ``a`` and ``a_t = a^T`` (the same array for a symmetric ``a``).
+def row_products(rows: int, columns: int, dtype: Any) -> bool:
+    """Whether ``A x``, for ``A`` of shape ``(rows, rows)`` and ``x`` of shape
+    ``(rows, columns)``, is faster as ``x^T A^T``: on CPU, for 2-10 columns (e.g. 10
+    classes) and at most 1024 rows in float32, 256 in float64.
 
-    On CPU, for a tall, skinny ``x`` of shape ``(m, k)`` with ``2 <= k <= 16``
-    (e.g. 10 classes) and ``n <= 2048``, it is computed as ``(x^T a_t)^T`` with
-    both transposes materialized (``optimization_barrier`` keeps XLA from
-    folding them back into the product): XLA multiplies ``(k, m) @ (m, n)``
-    1.5-2.5x faster than ``(n, m) @ (m, k)`` there, while transposing the
-    ``(m, k)`` operands costs little (measured; float32 and float64, n = 256
-    and 1024; no gain for one column, or above 16 columns or 2048 rows).
-    Elsewhere it is ``a @ x``. The two agree to round-off.
+    XLA's CPU kernels multiply ``(k, m) @ (m, n)`` 1.3-2.1x faster than ``(n, m) @
+    (m, k)`` there (10 columns, float32 n = 256-1280, float64 n = 256), on two AMD EPYC
+    machines: an earlier one, whose vector extensions were not recorded, and a Zen 3
+    (AVX2). Past that the row form's speed depends on the CPU: on the Zen 3 it was
+    0.67-1.1x in float64 for n = 384-1000 and 4-10 columns, and it fell off a cliff at
+    kernels of about 8 MB (float64 n = 1024: 1.7-2.9 ms against 0.5-0.6 ms; float32 n =
+    1448), while the earlier machine ran float64 n = 1024 1.5-2.5x faster in the row
+    form. Above 10 columns it lost in float64 at n = 256 (0.5-0.7x) and in float32 at
+    n = 724.
     """
-    if x.ndim != 2 or not transposed_products(a.shape[0], x.shape[1]):
-        return a @ x
-    x_t = jax.lax.optimization_barrier(x.T)
-    return jax.lax.optimization_barrier(x_t @ a_t).T
+    return (
+        jax.default_backend() == "cpu"
+        and ROW_PRODUCT_COLUMNS[0] <= columns <= ROW_PRODUCT_COLUMNS[1]
+        and rows <= ROW_PRODUCT_MAX_ROWS.get(jnp.dtype(dtype).itemsize, 0)
+    )
 
 
-def transposed_products(rows: int, columns: int) -> bool:
-    """Whether :func:`matmul` multiplies an ``(rows, rows)`` kernel with ``(rows,
-    columns)`` arrays as ``(x^T a^T)^T`` (see there): on CPU, for 2-16 columns and at
-    most 2048 rows."""
+def transposed_layout(rows: int, columns: int) -> bool:
+    """Whether a solver loop should work on transposed arrays ``(columns, rows)`` for a
+    kernel of ``rows`` rows and outputs of ``columns`` columns: on CPU, for 2-16
+    columns and at most 2048 rows. Entrywise functions and reductions over the outputs
+    then vectorize along the rows (the loss gradient: 24 -> 5.5 us for log-cosh, 6.1 ->
+    3.2 us for cross-entropy, float32, n = 256, 10 classes); the kernel products take
+    the form :func:`matmul_t` finds faster."""
     return (
         jax.default_backend() == "cpu"
         and TRANSPOSED_COLUMNS[0] <= columns <= TRANSPOSED_COLUMNS[1]
         and rows <= TRANSPOSED_MAX_ROWS
     )
+
+
+def matmul(a: Float[Array, "n m"], a_t: Float[Array, "m n"], x: Array) -> Array:
+    """``a @ x``, given ``a`` and ``a_t = a^T`` (the same array for a symmetric ``a``).
+
+    Where :func:`row_products` holds (on CPU, a tall, skinny ``x`` of shape ``(m,
+    k)``), it is computed as ``(x^T a_t)^T`` with both transposes materialized
+    (``optimization_barrier`` keeps XLA from folding them back into the product);
+    transposing the ``(m, k)`` operands costs little. Elsewhere it is ``a @ x``. The
+    two agree to round-off.
+    """
+    if x.ndim != 2 or not row_products(a.shape[0], x.shape[1], a.dtype):
+        return a @ x
+    x_t = jax.lax.optimization_barrier(x.T)
+    return jax.lax.optimization_barrier(x_t @ a_t).T
+
+
+def matmul_t(x_t: Float[Array, "k m"], a: Float[Array, "n m"], a_t: Float[Array, "m n"]
+             ) -> Float[Array, "k n"]:
+    """``x_t @ a_t = (a @ x_t^T)^T`` on transposed arrays, given ``a`` and ``a_t = a^T``
+    (the same array for a symmetric ``a``): ``x_t @ a_t`` where :func:`row_products`
+    holds, else ``(a @ x_t^T)^T`` with both transposes materialized (see
+    :func:`matmul`)."""
+    if row_products(a.shape[0], x_t.shape[0], a.dtype):
+        return x_t @ a_t
+    x = jax.lax.optimization_barrier(x_t.T)
+    return jax.lax.optimization_barrier(a @ x).T
 
 
 def add_diagonal_regularizer(

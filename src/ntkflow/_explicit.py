@@ -12,10 +12,10 @@ standard step-size controller :math:`h_{n+1} = h_n \min(10, \max(0.2,
 requested times by the methods' continuous extensions (order 4), so the
 number of output times does not change the steps taken.
 
-Where the kernel products are faster so (on CPU, 2-16 outputs per row: e.g. 10
-classes), the loop works on transposed arrays, ``(outputs, rows)``
-(:class:`ntkflow._dynamics.TransposedField`): the loss gradient and the state updates
-then vectorize along the rows, and the product ``G^T K`` needs no transposes.
+On CPU, for 2-16 outputs per row (e.g. 10 classes), the loop works on transposed
+arrays, ``(outputs, rows)`` (:class:`ntkflow._dynamics.TransposedField`): the loss
+gradient and the state updates then vectorize along the rows, and for small kernels the
+product ``G^T K`` needs no transposes (:func:`ntkflow._eigen.matmul_t`).
 
 In single precision the loop carries the state compensated, as an unevaluated sum
 ``hi + lo`` (:mod:`ntkflow._compensated`): each step's increment joins ``lo`` and one
@@ -47,7 +47,7 @@ from jaxtyping import Array, Float
 from ntkflow._adaptive import next_step_size
 from ntkflow._compensated import compensate, two_sum
 from ntkflow._dynamics import Dynamics, FlatState
-from ntkflow._eigen import Eigen, transposed_products
+from ntkflow._eigen import Eigen, transposed_layout
 from ntkflow._solvers import (
     SOLVERS,
     DiffraxSolver,
@@ -281,10 +281,10 @@ def _transpose(y: _T) -> _T:
 
 def _field(dyn: Dynamics, y0: FlatState) -> tuple[_Field, Callable[[Any], Any]]:
     """``(vector field, orient)``: the loop's vector field, on transposed arrays
-    (:class:`ntkflow._dynamics.TransposedField`) where the kernel products are faster so
-    (:func:`ntkflow._eigen.transposed_products`), and the map between the loop's layout
+    (:class:`ntkflow._dynamics.TransposedField`) where
+    :func:`ntkflow._eigen.transposed_layout` holds, and the map between the loop's layout
     and the flat one (either way: a transpose or the identity)."""
-    if transposed_products(*y0.f.shape):
+    if transposed_layout(*y0.f.shape):
         return dyn.transposed(), _transpose
     return dyn.vector_field, lambda y: y
 

@@ -92,7 +92,7 @@ from jaxtyping import Array
 
 from ntkflow._adaptive import EigenbasisSolver
 from ntkflow._dynamics import Dynamics, FlatState, TransposedField, rayleigh_curvature, rms
-from ntkflow._eigen import Eigen, transposed_products
+from ntkflow._eigen import Eigen, matmul_t, transposed_layout
 from ntkflow._solvers import SOLVERS, single_precision_tenth
 
 __all__ = ["Rodas5P"]
@@ -180,13 +180,13 @@ class _Carry(NamedTuple):
 class _Space(NamedTuple):
     """The arrays of a solve: outputs ``F`` and eigen-coordinates ``z = V^T F``, in the
     flat layout ``(rows, traced)``, or transposed, ``(traced, rows)``, where ``field``
-    is given: where :func:`ntkflow._eigen.transposed_products` holds (on CPU, 2-16
+    is given: where :func:`ntkflow._eigen.transposed_layout` holds (on CPU, 2-16
     outputs per row, at most 2048 rows), as in the explicit loop.
 
-    Transposed, the products are ``x^T V`` and ``x^T V^T`` (as fast as
-    :func:`ntkflow._eigen.matmul`'s, with no transposes to make), and the loss gradients
-    and Hessian-vector products vectorize along the rows
-    (:class:`ntkflow._dynamics.TransposedField`).
+    Transposed, the loss gradients and Hessian-vector products vectorize along the rows
+    (:class:`ntkflow._dynamics.TransposedField`), and the products ``x^T V`` and ``x^T
+    V^T`` take the form :func:`ntkflow._eigen.matmul_t` finds faster (as such, with no
+    transposes to make, for small kernels).
     """
 
     eig: Eigen
@@ -195,18 +195,22 @@ class _Space(NamedTuple):
 
     @classmethod
     def of(cls, dyn: Dynamics, eig: Eigen) -> _Space:
-        """Transposed where :func:`ntkflow._eigen.transposed_products` holds, with or
+        """Transposed where :func:`ntkflow._eigen.transposed_layout` holds, with or
         without momentum (see the module docstring)."""
-        transposed = transposed_products(dyn.k.shape[0], dyn.loss.layout.traced)
+        transposed = transposed_layout(dyn.k.shape[0], dyn.loss.layout.traced)
         return cls(eig, dyn, dyn.transposed() if transposed else None)
 
     def to_eigenbasis(self, fx: Array) -> Array:
         """``V^T x``."""
-        return self.eig.to_eigenbasis(fx) if self.field is None else fx @ self.eig.evecs
+        if self.field is None:
+            return self.eig.to_eigenbasis(fx)
+        return matmul_t(fx, self.eig.evecs_t, self.eig.evecs)
 
     def from_eigenbasis(self, x: Array) -> Array:
         """``V x``."""
-        return self.eig.from_eigenbasis(x) if self.field is None else x @ self.eig.evecs_t
+        if self.field is None:
+            return self.eig.from_eigenbasis(x)
+        return matmul_t(x, self.eig.evecs, self.eig.evecs_t)
 
     def grad(self, f: Array) -> Array:
         """The loss gradient ``G(F)``."""
