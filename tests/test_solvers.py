@@ -64,7 +64,8 @@ def test_float32_test_outputs_see_the_float64_eigenvectors(solver):
     the eigenbasis solvers are read out with the float64 eigenvectors' rounding error
     (``Eigen.evecs_lo``), so that ``K_test`` does not amplify it on the slow modes
     (cond(K) = 1e4, mid horizon: 2.5e-7 against 4.0e-6 with float32 eigenvectors
-    alone). Reference: the closed form in float64 on the same float32 inputs."""
+    alone; on a Zen 3 CPU 5.8e-7 and 1.0e-6 for the two solvers, against 4.1e-6 without
+    ``evecs_lo``). Reference: the closed form in float64 on the same float32 inputs."""
     k_tt, k_st, y, f0, ft0, lam = float32_power_law_problem(128, 32, 4, seed=0)
     t = 10 * y.size / np.sqrt(lam[0] * lam[-1])
     ev, v = np.linalg.eigh(k_tt.astype(np.float64))
@@ -76,7 +77,7 @@ def test_float32_test_outputs_see_the_float64_eigenvectors(solver):
     train, test = predict(t, f0, ft0, k_st)
     assert train.dtype == test.dtype == jnp.float32
     assert np.max(np.abs(np.asarray(train, np.float64) - ref_train)) < 1e-6
-    assert np.max(np.abs(np.asarray(test, np.float64) - ref_test)) < 1e-6
+    assert np.max(np.abs(np.asarray(test, np.float64) - ref_test)) < 2e-6
 
 
 def test_expo_matches_tight_explicit_solve_for_nonquadratic_loss():

@@ -67,11 +67,11 @@ path (n = 1024: 1.0 s instead of 2.2 s).
 
 **Layout.** On CPU, with 2-16 outputs per row, the steps work on transposed arrays,
 ``(traced, rows)`` (:class:`_Space`), as the explicit loop does: the same steps, less
-time per step where the products do not dominate it (log-cosh, same solve, transposed
-against flat: 17% less time at n = 256 in float32, mid horizon; 15% in float64,
-converged horizon; at n = 1024 in float64 the same time, 1.50 s. With momentum, float64,
-converged horizon: log-cosh 22% less at n = 256, 9% at n = 1024; cross-entropy 23% less
-at n = 256, the same at n = 1024).
+time per step where the products do not dominate it (on the machine of the earlier
+runs; log-cosh, same solve, transposed against flat: 17% less time at n = 256 in
+float32, mid horizon; 15% in float64, converged horizon; at n = 1024 in float64 the
+same time, 1.50 s. With momentum, float64, converged horizon: log-cosh 22% less at n =
+256, 9% at n = 1024; cross-entropy 23% less at n = 256, the same at n = 1024).
 
 **Test outputs and null modes.** The gradient integrals on null modes
 (:math:`S_1`, and :math:`S_2` with momentum; see :mod:`ntkflow._dynamics`)
