@@ -9,6 +9,7 @@ treated as exact zeros ("null modes").
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -87,8 +88,7 @@ def matmul(a: Float[Array, "n m"], a_t: Float[Array, "m n"], x: Array) -> Array:
     """
     if x.ndim != 2 or not row_products(a.shape[0], x.shape[1], a.dtype):
         return a @ x
-    x_t = jax.lax.optimization_barrier(x.T)
-    return jax.lax.optimization_barrier(x_t @ a_t).T
+    return _through_transposes(lambda x_t: x_t @ a_t, x)
 
 
 def matmul_t(x_t: Float[Array, "k m"], a: Float[Array, "n m"], a_t: Float[Array, "m n"]
@@ -99,8 +99,14 @@ def matmul_t(x_t: Float[Array, "k m"], a: Float[Array, "n m"], a_t: Float[Array,
     :func:`matmul`)."""
     if row_products(a.shape[0], x_t.shape[0], a.dtype):
         return x_t @ a_t
-    x = jax.lax.optimization_barrier(x_t.T)
-    return jax.lax.optimization_barrier(a @ x).T
+    return _through_transposes(lambda x: a @ x, x_t)
+
+
+def _through_transposes(product: Callable[[Array], Array], x: Array) -> Array:
+    """``product(x^T)^T`` with both transposes materialized: ``optimization_barrier``
+    keeps XLA from folding them back into the product, whose operand layout is the
+    point (:func:`matmul`, :func:`matmul_t`)."""
+    return jax.lax.optimization_barrier(product(jax.lax.optimization_barrier(x.T))).T
 
 
 def add_diagonal_regularizer(
