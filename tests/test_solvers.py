@@ -344,6 +344,19 @@ def test_rodas5p_matches_tight_explicit_solve(problem, momentum):
             assert rel_err(a, b) < (1e-7 if X64 else 5e-3)
 
 
+def _log_cosh_solve(solver, problem, t, momentum):
+    """The train and test outputs of a log-cosh solve (learning rate 0.5, targets doubled)
+    at ``t``, and its number of steps."""
+    k_tt, k_st, y, f0, ft0 = problem
+    infos = []
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(nt.predict, "solve_at", _recording(nt.predict.solve_at, infos))
+        predict = nt.predict.gradient_descent(
+            log_cosh, k_tt, 2.0 * y, 0.5, momentum, solver=solver)
+        outputs = predict(t, f0, ft0, k_st)
+    return outputs, infos[-1].num_steps
+
+
 @pytest.mark.parametrize("momentum", [None, 0.9], ids=["gd", "momentum"])
 def test_rodas5p_in_either_layout_gives_the_same_solve(momentum):
     """The Rosenbrock steps on transposed arrays (2-16 outputs per row on CPU) and on the
@@ -367,15 +380,9 @@ def test_rodas5p_in_either_layout_gives_the_same_solve(momentum):
     ts = jnp.array([0.5, 50.0])
     results = {}
     for layout in ("transposed", "flat"):
-        infos = []
-        solve_at = _recording(nt.predict.solve_at, infos)
-        with pytest.MonkeyPatch.context() as monkeypatch:
-            monkeypatch.setattr(nt.predict, "solve_at", solve_at)
-            for t, (k_tt, k_st, y, f0, ft0) in ((ts, singular), (None, full_rank)):
-                predict = nt.predict.gradient_descent(
-                    log_cosh, k_tt, 2.0 * y, 0.5, momentum,
-                    solver=InLayout(flat=layout == "flat"))
-                results[layout, t is None] = (predict(t, f0, ft0, k_st), infos[-1].num_steps)
+        for t, problem in ((ts, singular), (None, full_rank)):
+            results[layout, t is None] = _log_cosh_solve(
+                InLayout(flat=layout == "flat"), problem, t, momentum)
     # Each layout's own program ran.
     assert set(used) == {(False, False), (True, True)}
     for at_end in (False, True):
@@ -408,18 +415,12 @@ def test_rodas5p_stages_in_a_loop_or_unrolled_give_the_same_solve(momentum):
         def _space(self, dyn, eig):
             return UnrolledSpace.of(dyn, eig)
 
-    k_tt, k_st, y, f0, ft0 = _singular_problem()
-    assert k_tt.shape[0] < _rosenbrock._ROLL_BELOW_ROWS  # the default runs the loop
+    problem = _singular_problem()
+    assert problem[0].shape[0] < _rosenbrock._ROLL_BELOW_ROWS  # the default runs the loop
     ts = jnp.array([0.5, 50.0])
-    results = []
-    for solver in (_rosenbrock.Rodas5P(), Unrolled()):
-        infos = []
-        with pytest.MonkeyPatch.context() as monkeypatch:
-            monkeypatch.setattr(nt.predict, "solve_at", _recording(nt.predict.solve_at, infos))
-            predict = nt.predict.gradient_descent(
-                log_cosh, k_tt, 2.0 * y, 0.5, momentum, solver=solver)
-            results.append((predict(ts, f0, ft0, k_st), infos[-1].num_steps))
-    (a, n_a), (b, n_b) = results
+    (a, n_a), (b, n_b) = (
+        _log_cosh_solve(solver, problem, ts, momentum)
+        for solver in (_rosenbrock.Rodas5P(), Unrolled()))
     # Float32 round-off moves some step-size decisions: measured 50 (loop) against 45
     # (unrolled) steps without momentum, 95 against 100 with it, outputs within 5.4e-6;
     # float64 the same steps, outputs within 2e-12.

@@ -201,19 +201,18 @@ def _put(stored: Stored, i: Stage, new: list[Array]) -> Stored:
 
 
 def _combs(weights: Array, stored: Stored) -> Any:
-    """Rows of stage coefficients, ``(r, stages)``, applied to stored stage vectors:
-    ``out[r][k] = sum_j weights[r, j] stored[j][k]``.
+    """Rows of stage coefficients, ``(r, stages)`` in the working precision, applied to
+    stored stage vectors: ``out[r][k] = sum_j weights[r, j] stored[j][k]``.
 
     The rows of the method's tables are zero from the current stage on, so the sums
     are over the earlier stages: in the loop one pass over the whole buffer (its
     zeros included), unrolled over the stages computed.
     """
     if not isinstance(stored, list):
-        return jnp.tensordot(weights.astype(stored.dtype), stored, axes=1,
-                             precision=jax.lax.Precision.HIGHEST)
+        return jnp.tensordot(weights, stored, axes=1, precision=jax.lax.Precision.HIGHEST)
     kinds = len(stored[0]) if stored else 0
     return [[sum(w[j] * v[k] for j, v in enumerate(stored)) for k in range(kinds)]
-            for w in weights.astype(stored[0][0].dtype if stored else weights.dtype)]
+            for w in weights]
 
 
 def _prior(i: Stage, h: Array, dtype: Any) -> Array:
@@ -223,14 +222,13 @@ def _prior(i: Stage, h: Array, dtype: Any) -> Array:
     return table * jnp.stack([jnp.ones((), dtype), 1.0 / h.astype(dtype)])[:, None]
 
 
-def _prior_sums(i: Stage, h: Array, stored: Stored) -> Any:
+def _prior_sums(i: Stage, h: Array, stored: Stored, dtype: Any) -> Any:
     """``sum_j a_ij K_j`` and ``sum_j c_ij K_j / h`` over the earlier stages, for each kind
     of stored stage vector ``K`` (zeros at stage 0)."""
     if isinstance(stored, list) and not stored:
         # The Python zero adds nothing and keeps the precision (a float64 zero array
         # would promote float32 stages with 64-bit types enabled); 8 kinds at most.
         return [[0.0] * 8] * 2
-    dtype = stored.dtype if not isinstance(stored, list) else stored[0][0].dtype
     return _combs(_prior(i, h, dtype), stored)
 
 
@@ -577,7 +575,7 @@ class Rodas5P(EigenbasisSolver):
             # The buffer's kinds: the stage solutions x, their images V Sq x and M Sq x,
             # and (with test outputs) the null-mode gradient integrals' stages.
             buf, ok = carry
-            prior_a, prior_c = _prior_sums(i, h, buf)
+            prior_a, prior_c = _prior_sums(i, h, buf, dtype)
             gz = _stage_gradient(
                 i, x.gz, lambda: op.to_eigenbasis(space.grad(x.f + prior_a[1])))
             rhs = hg * (-op.sq * gz + prior_c[0])
@@ -655,7 +653,7 @@ class Rodas5P(EigenbasisSolver):
             i: Stage, carry: tuple[Stored, Stored, Array]
         ) -> tuple[Stored, Stored, Array]:
             buf, sols, ok = carry
-            prior_a, prior_c = _prior_sums(i, h, buf)
+            prior_a, prior_c = _prior_sums(i, h, buf, dtype)
             q = xq + sc * prior_a[kt_]
             gz = _stage_gradient(
                 i, x.gz, lambda: op.to_eigenbasis(space.grad(x.f + prior_a[img_ks_])))
