@@ -319,12 +319,14 @@ def integrate(dyn: Dynamics, y0: FlatState, taus: Float[Array, " m"], *, rtol: f
     h0 = _initial_h(field, y0, k0, rtol, atol)
 
     def record(i: Array, saved: FlatState, tau: Array, h: Array, y: FlatState,
-               lo: FlatState | None, y1: FlatState, ks: list[FlatState], tau1: Array
-               ) -> tuple[Array, FlatState]:
-        """Save every requested time in ``(tau, tau1]`` from the continuous extension."""
+               lo: FlatState | None, y1: FlatState, ks: list[FlatState], tau1: Array,
+               accept: Array) -> tuple[Array, FlatState]:
+        """If the step is accepted, save every requested time in ``(tau, tau1]`` from the
+        continuous extension. (A loop that may run no iteration, not a ``lax.cond``,
+        whose branches XLA gives copies of the seven stage derivatives at every step.)"""
         def cond(c: tuple[Array, FlatState]) -> Array:
             i, _ = c
-            return (i < m) & (taus[jnp.minimum(i, m - 1)] <= tau1)
+            return accept & (i < m) & (taus[jnp.minimum(i, m - 1)] <= tau1)
 
         def body(c: tuple[Array, FlatState]) -> tuple[Array, FlatState]:
             i, saved = c
@@ -346,10 +348,7 @@ def integrate(dyn: Dynamics, y0: FlatState, taus: Float[Array, " m"], *, rtol: f
         y1, lo1, ks, err = _step(field, tableau, y, lo, k, h, rtol, atol)
         accept = err <= 1.0
         tau1 = jnp.where(h >= t_end - tau, t_end, tau + h)
-        i, saved = jax.lax.cond(
-            accept, lambda: record(i, saved, tau, h, y, lo, _with_lo(y1, lo1), ks, tau1),
-            lambda: (i, saved),
-        )
+        i, saved = record(i, saved, tau, h, y, lo, _with_lo(y1, lo1), ks, tau1, accept)
         return (
             jnp.where(accept, tau1, tau), _select(accept, y1, y),
             _select(accept, lo1, lo), _select(accept, ks[-1], k),
