@@ -43,7 +43,9 @@ typecheck: $(STAMP)
 # 20 s with momentum (the second 0.15 s): its step unrolled 8 stages, each with its own
 # conjugate-gradient loop. Since 352d371 kernels below 256 rows run the stages in a loop,
 # which halves that compilation: the suite took 33 min there (float32 1918 s, float64
-# 1962 s; 34 min with the install).
+# 1962 s; 34 min with the install). Since 3a4b037 the tests compile without LLVM's
+# expensive passes (tests/conftest.py): 24.5 min (float32 1426 s, float64 1471 s; 25.5 min
+# with the install, at da10fc6).
 pytest: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 JAX_ENABLE_X64=0 $(PY) -m pytest -q -p no:cacheprovider
 
