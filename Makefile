@@ -45,7 +45,8 @@ typecheck: $(STAMP)
 # which halves that compilation: the suite took 33 min there (float32 1918 s, float64
 # 1962 s; 34 min with the install). Since 3a4b037 the tests compile without LLVM's
 # expensive passes (tests/conftest.py): 24.5 min (float32 1426 s, float64 1471 s; 25.5 min
-# with the install, at da10fc6).
+# with the install, at da10fc6), and 32 min (1879 s, 1931 s) an hour later at 573418a, with
+# the same code and tests: the machine's speed varies that much.
 pytest: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 JAX_ENABLE_X64=0 $(PY) -m pytest -q -p no:cacheprovider
 
