@@ -193,7 +193,10 @@ def test_explicit_loop_in_either_layout_gives_the_same_solve(monkeypatch, t):
     assert set(used) == {(False, False), (True, True)}
     for solver in ("tsit5", "dopri5"):
         (a, n_a), (b, n_b) = results["transposed", solver], results["flat", solver]
-        assert abs(int(n_a) - int(n_b)) <= 1
+        # Float32 round-off moves some step-size decisions on the way to the end of
+        # training: 184 against 190 Tsit5 steps, outputs 1.3e-6 apart (with the tests' XLA
+        # flags, conftest.py; 183 against 184 without the fusion one).
+        assert abs(int(n_a) - int(n_b)) <= (1 if X64 or t is not None else int(n_b) // 20)
         for x, z in zip(a, b, strict=True):
             assert rel_err(x, z) < (1e-10 if X64 else 1e-4)
 
