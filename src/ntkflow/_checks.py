@@ -7,9 +7,10 @@ traced under ``jax.jit``, so they work in both settings: such checks return
 their (possibly wrapped) argument, which the caller must use in place of the
 original for the traced check to run.
 
-Eager checks compute under :func:`jax.ensure_compile_time_eval`, so a concrete
-value is inspected at once even while an enclosing function is being traced
-(e.g. a kernel closed over by a jitted function).
+Eager checks inspect a concrete value at once even while an enclosing function
+is being traced (e.g. a kernel closed over by a jitted function): their
+compiled programs run through :func:`concrete_call`, other computations under
+:func:`jax.ensure_compile_time_eval`.
 
 Checks that need a decomposition or a host round trip (kernel symmetry and
 positive semi-definiteness, the loss at the initial outputs) run only when the
@@ -160,6 +161,24 @@ def check_diag_reg(diag_reg: Any) -> Any:
     )
 
 
+def concrete_call(fn: Callable[..., Any], *args: Any) -> Any:
+    """``jax.device_get(fn(*args))`` for a jitted ``fn`` and concrete ``args``.
+
+    Outside traces ``fn`` runs as its one compiled program. Inside an enclosing
+    trace the call would be staged into it, so there it runs again under
+    :func:`jax.ensure_compile_time_eval`, which evaluates it at once but computes
+    the parts that do not depend on ``args`` op by op, each op a small program
+    compiled anew for every shape: calling the checks under that context
+    everywhere cost 24 such compilations, about 1 s, the first time a predictor
+    was built for a kernel size.
+    """
+    out = fn(*args)
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(out)):
+        return jax.device_get(out)
+    with jax.ensure_compile_time_eval():
+        return jax.device_get(fn(*args))
+
+
 def check_finite(x: Any, name: str) -> Any:
     """Raise if ``x`` has NaN or infinite entries (eagerly, or under ``jit``)."""
     if x is None:
@@ -168,8 +187,7 @@ def check_finite(x: Any, name: str) -> Any:
         arr = jnp.asarray(x)
         bad = 0
         if jnp.issubdtype(arr.dtype, jnp.inexact) and arr.size:
-            with jax.ensure_compile_time_eval():
-                bad = int(_count_nonfinite(arr))
+            bad = int(concrete_call(_count_nonfinite, arr))
         raise_if_nonfinite(bad, arr, name)
         return x
     x = jnp.asarray(x)
@@ -371,8 +389,7 @@ def check_symmetric(k: Any, name: str, dtype: Any) -> None:
         raise ValueError(f"`{name}` must be square once flattened; got shape {tuple(k.shape)}.")
     if k.size == 0:
         return
-    with jax.ensure_compile_time_eval():
-        scale, asym = (float(v) for v in jax.device_get(_symmetry_stats(k)))
+    scale, asym = (float(v) for v in concrete_call(_symmetry_stats, k))
     _raise_if_asymmetric(scale, asym, tuple(k.shape), name, dtype)
 
 
@@ -391,8 +408,7 @@ def check_kernel_and_targets(
         y = check_finite(y, y_name)
         check_symmetric(k, k_name, k_dtype)
         return k, y
-    with jax.ensure_compile_time_eval():
-        bad_k, bad_y, scale, asym = jax.device_get(_kernel_and_targets_stats(k, y))
+    bad_k, bad_y, scale, asym = concrete_call(_kernel_and_targets_stats, k, y)
     raise_if_nonfinite(int(bad_k), k, k_name)
     raise_if_nonfinite(int(bad_y), y, y_name)
     _raise_if_asymmetric(float(scale), float(asym), tuple(k.shape), k_name, k_dtype)
@@ -524,13 +540,11 @@ def check_psd(k: Any, name: str, dtype: Any, hint: str = "") -> float | None:
     exact = k.shape[0] <= PSD_EXACT_MAX_ROWS
     if exact:
         _, tol = kernel_tolerances(dtype)
-        with jax.ensure_compile_time_eval():
-            passes, bound = jax.device_get(_passes_shifted_cholesky(k, tol))
+        passes, bound = concrete_call(_passes_shifted_cholesky, k, tol)
         if bool(passes):
             return float(bound)
     stats = _eigenvalue_range if exact else _randomized_eigenvalue_range
-    with jax.ensure_compile_time_eval():
-        lowest, largest = (float(v) for v in jax.device_get(stats(k)))
+    lowest, largest = (float(v) for v in concrete_call(stats, k))
     _check_eigenvalue_range(lowest, largest, name, dtype, hint)
     return largest
 
