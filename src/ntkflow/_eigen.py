@@ -109,10 +109,13 @@ def _through_transposes(product: Callable[[Array], Array], x: Array) -> Array:
     return jax.lax.optimization_barrier(product(jax.lax.optimization_barrier(x.T))).T
 
 
+@functools.partial(jax.jit, static_argnames="absolute_scale")
 def add_diagonal_regularizer(
     k: Float[Array, "n n"], diag_reg: float, absolute_scale: bool
 ) -> Float[Array, "n n"]:
-    """``K + diag_reg * I`` (``diag_reg * trace(K) / n * I`` unless ``absolute_scale``)."""
+    """``K + diag_reg * I`` (``diag_reg * trace(K) / n * I`` unless ``absolute_scale``).
+
+    One program (op by op, a new kernel size compiled eight small ones, 0.55 s)."""
     n = k.shape[0]
     scale = diag_reg if absolute_scale else diag_reg * jnp.trace(k) / n
     return k + scale * jnp.eye(n, dtype=k.dtype)
