@@ -46,7 +46,10 @@ typecheck: $(STAMP)
 # 1962 s; 34 min with the install). Since 3a4b037 the tests compile without LLVM's
 # expensive passes (tests/conftest.py): 24.5 min (float32 1426 s, float64 1471 s; 25.5 min
 # with the install, at da10fc6), and 32 min (1879 s, 1931 s) an hour later at 573418a, with
-# the same code and tests: the machine's speed varies that much.
+# the same code and tests: the machine's speed varies that much. Since 44f6a6f they also
+# compile with XLA's older fusion code generator, and since 4ea9eb5 predictors no longer
+# compile ~26 op-by-op programs per new kernel size: 21.1 min with the install at 0f78c69
+# (float32 1162 s, float64 1179 s).
 pytest: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 JAX_ENABLE_X64=0 $(PY) -m pytest -q -p no:cacheprovider
 
