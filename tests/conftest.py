@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 # Compilation is most of the suite's time (small problems, many distinct programs; 1,212 s
-# of a 1,556 s float64 run, 4,317 programs), so the tests compile XLA's CPU code faster:
+# of a 1,556 s float64 run, 4,317 programs, with the first flag below only), so the tests
+# compile XLA's CPU code faster:
 # - without LLVM's expensive optimization passes: bit-identical results (a Rosenbrock, a
 #   Tsit5 and a momentum solve compared); `tests/test_solvers.py` alone, float64, took 506 s
 #   instead of about 690 s;

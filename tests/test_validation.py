@@ -405,6 +405,25 @@ def test_jit_constructor_checks():
         jax.block_until_ready(f(K_TT, 1.0, -1.0))
 
 
+def test_concrete_kernel_closed_over_by_a_jitted_function_is_checked_while_tracing():
+    """A concrete kernel inside a traced function is still checked at once, with the eager
+    errors (the checks' programs then run under ``jax.ensure_compile_time_eval``)."""
+    indefinite = K_TT - 2.0 * float(jnp.max(jnp.linalg.eigvalsh(K_TT))) * jnp.eye(
+        K_TT.shape[0], dtype=DTYPE)
+    log_cosh = lambda fx, y: jnp.mean(jnp.log(jnp.cosh(fx - y)))
+    cases = ((K_TT, None), (NAN_K, "must be finite"), (indefinite, "positive semi-definite"))
+    for kernel, match in cases:
+        @jax.jit
+        def f(fx, kernel=kernel):
+            return nt.predict.gradient_descent(log_cosh, kernel, Y)(1.0, fx)
+
+        if match is None:
+            assert bool(jnp.all(jnp.isfinite(f(F0))))
+        else:
+            with pytest.raises(ValueError, match=match):
+                f(F0)
+
+
 # ---------------------------------------------------------------------------
 # Solver failures
 
