@@ -109,13 +109,17 @@ def _through_transposes(product: Callable[[Array], Array], x: Array) -> Array:
     return jax.lax.optimization_barrier(product(jax.lax.optimization_barrier(x.T))).T
 
 
-@functools.partial(jax.jit, static_argnames="absolute_scale")
 def add_diagonal_regularizer(
     k: Float[Array, "n n"], diag_reg: float, absolute_scale: bool
 ) -> Float[Array, "n n"]:
     """``K + diag_reg * I`` (``diag_reg * trace(K) / n * I`` unless ``absolute_scale``).
 
     One program (op by op, a new kernel size compiled eight small ones, 0.55 s)."""
+    return _add_diagonal_regularizer(k, diag_reg, bool(absolute_scale))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _add_diagonal_regularizer(k: Array, diag_reg: Any, absolute_scale: bool) -> Array:
     n = k.shape[0]
     scale = diag_reg if absolute_scale else diag_reg * jnp.trace(k) / n
     return k + scale * jnp.eye(n, dtype=k.dtype)

@@ -428,7 +428,7 @@ def gradient_descent_mse(
     learning_rate = _checks.check_learning_rate(learning_rate)
     diag_reg = _checks.check_diag_reg(diag_reg)
     b = _Boundary(k_train_train, y_train, trace_axes)
-    k = add_diagonal_regularizer(b.k, diag_reg, bool(diag_reg_absolute_scale))
+    k = add_diagonal_regularizer(b.k, diag_reg, diag_reg_absolute_scale)
     eigen = Eigen.of(k)
     _checks.check_psd_eigen(eigen, "k_train_train", b.k_dtype, _PSD_HINT_MSE)
     flow = MSEFlow(eigen, math.prod(b.y_shape))
