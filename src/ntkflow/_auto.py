@@ -31,7 +31,8 @@ Three properties of a request decide (measured in ``benchmarks/RESULTS.md``):
   horizon :math:`\tau_\max` (``learning_rate * max(t)``; with momentum
   :math:`S = \tau_\max \max(|d|, \sqrt{c_0 \lambda_\max})`, the fastest
   damping and oscillation rates), with :math:`\lambda_\max` the largest
-  eigenvalue of the kernel (a few power iterations, once per predictor) and
+  eigenvalue of the kernel (once per predictor: from the Lanczos steps of the
+  input check, or power iterations for a traced kernel) and
   :math:`c_0` the curvature along the initial gradient. An explicit method
   needs at least about :math:`S / 3.3` steps of 6 kernel products each; the
   exponential integrator one ``eigh`` (about ``n`` kernel products) and a

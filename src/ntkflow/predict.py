@@ -607,7 +607,7 @@ def gradient_descent(
         _checks.check_psd_eigen(eigen, "k_train_train", b.k_dtype, _PSD_HINT)
     else:
         largest = _checks.check_psd(b.k, "k_train_train", b.k_dtype, _PSD_HINT)
-        if solver_obj == AUTO:  # the check's estimate, else a few power iterations
+        if solver_obj == AUTO:  # the check's Lanczos estimate, else power iterations
             lam_max = largest_eigenvalue(b.k) if largest is None else jnp.asarray(largest, b.dtype)
     default_rtol, default_atol = _default_tolerances(b.dtype)
     rtol_ = _checks.check_tolerance("rtol", rtol, default_rtol)
