@@ -87,6 +87,7 @@ from jaxtyping import Array
 
 from ntkflow._axes import outputs_to_2d
 from ntkflow._chebyshev import MAX_WIDTH, Chebyshev, spectral_bound
+from ntkflow._checks import start_vector
 from ntkflow._compensated import compensate
 from ntkflow._dynamics import Dynamics, FlatState, rms
 from ntkflow._explicit import Dopri5, Tsit5
@@ -118,14 +119,11 @@ _STIFF = {
 @functools.partial(jax.jit, static_argnames="iterations")
 def largest_eigenvalue(k: Array, iterations: int = 30) -> Array:
     """Power-iteration estimate of the largest eigenvalue of a PSD matrix (from below)."""
-    v = jnp.ones((k.shape[0],), k.dtype) / jnp.sqrt(k.shape[0])
-    v = v + 1e-3 * jnp.sin(jnp.arange(k.shape[0], dtype=k.dtype))
-
     def body(_: int, v: Array) -> Array:
         w = k @ v
         return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(k.dtype).tiny)
 
-    v = jax.lax.fori_loop(0, iterations, body, v / jnp.linalg.norm(v))
+    v = jax.lax.fori_loop(0, iterations, body, start_vector(k.shape[0], k.dtype))
     return jnp.vdot(v, k @ v)
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "check_eps",
     "kernel_tolerances",
     "describe",
+    "start_vector",
 ]
 
 
@@ -470,7 +471,7 @@ LANCZOS_STEPS = 40
 LANCZOS_STEPS_SHIFT = 12
 
 
-def _start_vector(n: int, dtype: Any) -> Any:
+def start_vector(n: int, dtype: Any) -> Any:
     """A fixed unit start vector with components along every direction but few."""
     v = jnp.ones((n,), dtype) / jnp.sqrt(jnp.asarray(n, dtype))
     v = v + 1e-3 * jnp.sin(jnp.arange(n, dtype=dtype))
@@ -479,7 +480,7 @@ def _start_vector(n: int, dtype: Any) -> Any:
 
 def _lanczos_ritz_range(s: Any, steps: int) -> tuple[Any, Any]:
     r"""The lowest and largest Ritz values of the symmetric ``s`` after ``steps`` Lanczos
-    steps from :func:`_start_vector`: the extreme eigenvalues of the tridiagonal
+    steps from :func:`start_vector`: the extreme eigenvalues of the tridiagonal
     matrix of the recurrence, which approach the ends of the spectrum after far fewer
     products with ``s`` than power iterations need (one product per step).
 
@@ -504,7 +505,7 @@ def _lanczos_ritz_range(s: Any, steps: int) -> tuple[Any, Any]:
         return (alpha.at[j].set(a), beta.at[j].set(b), w / jnp.maximum(b, tiny), v, b)
 
     zero = jnp.zeros((), s.dtype)
-    v0 = _start_vector(n, s.dtype)
+    v0 = start_vector(n, s.dtype)
     init = (jnp.zeros((m,), s.dtype), jnp.zeros((m,), s.dtype), v0, jnp.zeros_like(v0), zero)
     alpha, beta, *_ = jax.lax.fori_loop(0, m, body, init)
     t = jnp.diag(alpha) + jnp.diag(beta[:-1], 1) + jnp.diag(beta[:-1], -1)
