@@ -527,16 +527,20 @@ def test_matmul_agrees_with_the_plain_product(columns):
 
 def test_row_products_where_measured_faster():
     """The row form ``x^T A^T`` only for 2-10 columns and kernels of at most 1024 rows in
-    float32, 256 in float64 (on CPU); the transposed layout for 2-16 columns up to 2048
-    rows, its products in either form."""
-    from ntkflow._eigen import row_products, transposed_layout
+    float32, in float64 2048 with AVX-512 and 256 without (on CPU); the transposed layout
+    for 2-16 columns up to 2048 rows, its products in either form."""
+    from ntkflow._eigen import CPU_AVX512, row_products, transposed_layout
 
     cpu = jax.default_backend() == "cpu"
     assert row_products(256, 10, jnp.float32) == cpu
     assert row_products(1024, 2, jnp.float32) == cpu
     assert row_products(256, 10, np.float64) == cpu
     assert not row_products(1025, 10, jnp.float32)
-    assert not row_products(257, 10, np.float64)  # 0.3-0.9x at n = 384-1024 (Zen 3)
+    # The float64 row form: 0.3-0.9x at n = 384-1024 on a Zen 3 (AVX2), 0.63-0.84x of
+    # the column form's time at n = 512-2048 on a Xeon with AVX-512.
+    assert row_products(257, 10, np.float64) == (cpu and CPU_AVX512)
+    assert row_products(2048, 10, np.float64) == (cpu and CPU_AVX512)
+    assert not row_products(2049, 10, np.float64)
     assert not row_products(256, 11, jnp.float32)
     assert not row_products(256, 1, jnp.float32)
     assert not row_products(64, 10, jnp.float16)  # not measured

@@ -9,6 +9,7 @@ treated as exact zeros ("null modes").
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,20 @@ __all__ = [
 ]
 
 
+def _cpu_has_avx512() -> bool:
+    """Whether the host CPU has AVX-512 (``AVX512F``), as NumPy's run-time dispatch
+    detected it; ``False`` where that record is unavailable."""
+    for name in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
+        try:  # the second name for NumPy < 2
+            features = importlib.import_module(name).__cpu_features__
+        except (ImportError, AttributeError):
+            continue
+        return bool(features.get("AVX512F", False))
+    return False
+
+
+#: Whether the host CPU has AVX-512; it sets the float64 limit of the row form below.
+CPU_AVX512 = _cpu_has_avx512()
 #: Loops work on transposed arrays (:func:`transposed_layout`) for this many columns, ...
 TRANSPOSED_COLUMNS = (2, 16)
 #: ... and a kernel with at most this many rows (on CPU).
@@ -38,13 +53,14 @@ TRANSPOSED_MAX_ROWS = 2048
 #: with this many columns, ...
 ROW_PRODUCT_COLUMNS = (2, 10)
 #: ... and ``A`` with at most this many rows, by item size (bytes; on CPU).
-ROW_PRODUCT_MAX_ROWS = {4: 1024, 8: 256}
+ROW_PRODUCT_MAX_ROWS = {4: 1024, 8: 2048 if CPU_AVX512 else 256}
 
 
 def row_products(rows: int, columns: int, dtype: Any) -> bool:
     """Whether ``A x``, for ``A`` of shape ``(rows, rows)`` and ``x`` of shape
     ``(rows, columns)``, is faster as ``x^T A^T``: on CPU, for 2-10 columns (e.g. 10
-    classes) and at most 1024 rows in float32, 256 in float64.
+    classes) and at most 1024 rows in float32; in float64 at most 2048 rows on CPUs
+    with AVX-512, 256 on others.
 
     XLA's CPU kernels multiply ``(k, m) @ (m, n)`` 1.3-2.1x faster than ``(n, m) @
     (m, k)`` there (10 columns, float32 n = 256-1280, float64 n = 256), on two AMD EPYC
@@ -53,8 +69,13 @@ def row_products(rows: int, columns: int, dtype: Any) -> bool:
     0.67-1.1x in float64 for n = 384-1000 and 4-10 columns, and it fell off a cliff at
     kernels of about 8 MB (float64 n = 1024: 1.7-2.9 ms against 0.5-0.6 ms; float32 n =
     1448), while the earlier machine ran float64 n = 1024 1.5-2.5x faster in the row
-    form. Above 10 columns it lost in float64 at n = 256 (0.5-0.7x) and in float32 at
-    n = 724.
+    form. On an Intel Xeon with AVX-512 (10 columns, 40 products in a loop, medians of
+    9) the row form took 0.41, 0.72, 0.63, 0.84, 0.70 and 0.81 of the column form's
+    time in float64 at n = 256, 512, 768, 1024, 1448 and 2048, and in float32 0.43,
+    0.51, 0.82 and 0.87 at n = 256-1024, 1.03-1.08 at n = 1448-2048. AVX-512 is what
+    tells the machines that favour the float64 row form from the Zen 3 that does not.
+    Above 10 columns it lost in float64 at n = 256 (0.5-0.7x) and in float32 at n =
+    724.
     """
     return (
         jax.default_backend() == "cpu"
