@@ -76,7 +76,13 @@ Measurements
 * Time: median of wall-clock runs after a warm-up (ntkflow: one untimed call that also
   compiles; baseline: ahead-of-time compilation), each ended by ``jax.block_until_ready``:
   ``--repeats`` (3) runs, more for fast solves until they add up to 0.3 s (at most 21),
-  with Python's garbage collector off (as ``timeit``). A solve slower than
+  with Python's garbage collector off (as ``timeit``). Where both methods are timed
+  several times (fast solves), that is one batch of each, and ``--rounds`` (3) batches
+  of each run in all, alternating (ntkflow, baseline, then baseline and ntkflow in each
+  further round): each time is the median of all its batches' runs, so that the two
+  methods sample the same stretches of the machine's state (on a machine whose speed
+  drifts by tens of percent within seconds, two batches timed one after the other moved
+  a cell's ratio by up to 1.8x between runs of the script). A solve slower than
   ``--single-run`` seconds is timed once (marked ``*``); where the warm-up also compiled
   (ntkflow, the floor) and took longer than that, a second untimed run decides, so that a
   slow compilation does not leave a fast solve timed once. A solve slower than its cap
@@ -320,6 +326,8 @@ class Worker:
         self.baselines: dict[tuple[str, bool], Any] = {}
         self.compiled: dict[tuple, Any] = {}
         self.solve_infos: list[tuple[str, Any]] = []
+        #: The timed closure of the last cell of each method, for ``retime``.
+        self.timed: dict[str, tuple[Callable[[], Any], dict, float, list[float] | None]] = {}
         self._instrument_ntkflow()
 
     def _instrument_ntkflow(self) -> None:
@@ -374,7 +382,8 @@ class Worker:
         jax.block_until_ready(run())
         return time.perf_counter() - start
 
-    def timed_runs(self, run: Callable[[], Any], first: float, task: dict, cap: float) -> dict:
+    def timed_runs(self, run: Callable[[], Any], first: float, task: dict, cap: float,
+                   memory: bool = True) -> dict:
         """Median of the timed runs (see the module docstring), and the RSS growth.
 
         Fast solves: ``repeats`` runs, more (up to ``MAX_REPEATS``) until they add up to
@@ -405,7 +414,7 @@ class Worker:
                         return {"status": "cap"}
         finally:
             gc.enable()
-        if not single:
+        if not single and memory:
             self.deadline(cap)
             with peak_rss_growth(mem):
                 jax.block_until_ready(run())
@@ -492,10 +501,11 @@ class Worker:
         if result["status"] != "ok":
             return result
         result["error"] = self.error(task, result.pop("out"))
-        totals = result.pop("times")
+        totals = result["times"]
         timed_builds = builds[timed_from:timed_from + len(totals)]
-        result["predict"] = statistics.median(
-            a - b for a, b in zip(totals, timed_builds, strict=True))
+        result["predict_times"] = [a - b for a, b in zip(totals, timed_builds, strict=True)]
+        result["predict"] = statistics.median(result["predict_times"])
+        self.timed["ntkflow"] = (run, task, cap, builds)
         if self.solve_infos:
             name, info = self.solve_infos[-1]
             result["solver"] = name
@@ -580,7 +590,7 @@ class Worker:
             return {"status": "cap"}
         if first <= task["single_run"]:
             result = self.timed_runs(lambda: fn(*args), first, task, cap)
-            result.pop("times", None)
+            self.timed["baseline"] = (lambda: fn(*args), task, cap, None)
         else:  # the first (compiled) run is already a clean measurement
             result = {"status": "ok", "time": first, "runs": 1, "out": out, "mem": mem["mib"]}
         if result["status"] != "ok":
@@ -592,6 +602,20 @@ class Worker:
             self.rhs_counter[0] = 0
             jax.block_until_ready(counted(*args))
             result["rhs"] = self.rhs_counter[0]
+        return result
+
+    def retime(self, task: dict) -> dict:
+        """Another batch of timed runs of the last cell of ``task["method"]`` (see
+        ``--rounds``): its times (and, for ntkflow, those of the predict calls)."""
+        run, cell_task, cap, builds = self.timed[task["method"]]
+        timed_from = 0 if builds is None else len(builds)
+        result = self.timed_runs(run, 0.0, cell_task, cap, memory=False)
+        result.pop("out", None)
+        if result["status"] == "ok" and builds is not None:
+            totals = result["times"]
+            timed_builds = builds[timed_from:timed_from + len(totals)]
+            result["predict_times"] = [
+                a - b for a, b in zip(totals, timed_builds, strict=True)]
         return result
 
     def floor(self, task: dict) -> dict:
@@ -749,6 +773,33 @@ def baseline_cap(args: argparse.Namespace, n: int, horizon: str) -> float:
     return args.baseline_timeout
 
 
+def interleave(pool: Pool, cell: Cell, rounds: int) -> None:
+    """For a cell whose two methods were both timed several times (fast solves): ``rounds
+    - 1`` more batches of timed runs of each, alternating (baseline, ntkflow, baseline,
+    ...), so that both sample the same stretches of the machine's state; each time is
+    then the median of all its runs. (A machine whose speed drifts by tens of percent
+    within seconds otherwise moves the ratio of two batches timed one after the other.)"""
+    sides = (("baseline", cell.base), ("ntkflow", cell.ntk))
+    if rounds <= 1 or not all(r.get("status") == "ok" and r.get("runs", 0) > 1
+                              for _, r in sides):
+        return
+    for _ in range(rounds - 1):
+        for method, result in sides:
+            more = pool.run(method, cell.bits, {"kind": "retime", "method": method,
+                                                "cap": result["cap_s"]})
+            if more.get("status") != "ok":
+                return
+            result["times"] += more["times"]
+            if "predict_times" in result:
+                result["predict_times"] += more["predict_times"]
+    for _, result in sides:
+        result["time"] = statistics.median(result["times"])
+        result["runs"] = len(result["times"])
+        result["rounds"] = rounds
+        if "predict_times" in result:
+            result["predict"] = statistics.median(result["predict_times"])
+
+
 def run_matrix(args: argparse.Namespace) -> tuple[list[Cell], dict, float]:
     pool = Pool()
     tmp = tempfile.mkdtemp(prefix="bench_solvers_")
@@ -800,6 +851,7 @@ def run_matrix(args: argparse.Namespace) -> tuple[list[Cell], dict, float]:
                     cell.ntk = result
                 else:
                     cell.base = result
+            interleave(pool, cell, args.rounds)
             cells.append(cell)
             _log(format_progress(cell, args))
     finally:
@@ -1038,8 +1090,9 @@ def render(cells: list[Cell], floors: dict, args: argparse.Namespace, info: dict
     parts += [
         "",
         f"Times in seconds (median of at least {args.repeats} runs, up to {MAX_REPEATS} for "
-        f"fast solves, until {MIN_TIMED:g} s; `*`: timed once, the solve being slower than "
-        f"{args.single_run:g} s). `> cap`: abandoned after the cap "
+        f"fast solves, until {MIN_TIMED:g} s, in {args.rounds} batches per method, "
+        "alternating between the methods, where both are fast; `*`: timed once, the solve "
+        f"being slower than {args.single_run:g} s). `> cap`: abandoned after the cap "
         f"(baseline {args.baseline_timeout:g} s{stiff_cap}, ntkflow "
         f"{args.ntkflow_timeout:g} s), or "
         "skipped because a smaller cell of the same kind hit it; speed-ups against a capped "
@@ -1097,6 +1150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--solver", default="auto", help="ntkflow solver")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="batches of timed runs per method, alternating, for fast cells")
     p.add_argument("--single-run", type=float, default=5.0,
                    help="time a solve once when it takes longer than this (s)")
     p.add_argument("--baseline-timeout", type=float, default=120.0, help="cap per solve (s)")
