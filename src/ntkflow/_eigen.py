@@ -53,13 +53,13 @@ TRANSPOSED_MAX_ROWS = 2048
 #: with this many columns, ...
 ROW_PRODUCT_COLUMNS = (2, 10)
 #: ... and ``A`` with at most this many rows, by item size (bytes; on CPU).
-ROW_PRODUCT_MAX_ROWS = {4: 1024, 8: 2048 if CPU_AVX512 else 256}
+ROW_PRODUCT_MAX_ROWS = {4: 1024, 8: 1024 if CPU_AVX512 else 256}
 
 
 def row_products(rows: int, columns: int, dtype: Any) -> bool:
     """Whether ``A x``, for ``A`` of shape ``(rows, rows)`` and ``x`` of shape
     ``(rows, columns)``, is faster as ``x^T A^T``: on CPU, for 2-10 columns (e.g. 10
-    classes) and at most 1024 rows in float32; in float64 at most 2048 rows on CPUs
+    classes) and at most 1024 rows in float32; in float64 at most 1024 rows on CPUs
     with AVX-512, 256 on others.
 
     XLA's CPU kernels multiply ``(k, m) @ (m, n)`` 1.3-2.1x faster than ``(n, m) @
@@ -72,8 +72,13 @@ def row_products(rows: int, columns: int, dtype: Any) -> bool:
     form. On an Intel Xeon with AVX-512 (10 columns, 40 products in a loop, medians of
     9) the row form took 0.41, 0.72, 0.63, 0.84, 0.70 and 0.81 of the column form's
     time in float64 at n = 256, 512, 768, 1024, 1448 and 2048, and in float32 0.43,
-    0.51, 0.82 and 0.87 at n = 256-1024, 1.03-1.08 at n = 1448-2048. AVX-512 is what
-    tells the machines that favour the float64 row form from the Zen 3 that does not.
+    0.51, 0.82 and 0.87 at n = 256-1024, 1.03-1.08 at n = 1448-2048. On an AMD EPYC
+    Zen 4 (family 25, model 17, AVX-512; same loop) the float64 ratios were 0.98-1.06,
+    0.85-0.98, 0.86-0.90, 0.99-1.15, 1.19-1.22 and 1.82-1.98 at n = 256-2048, yet
+    within the cross-entropy solve at n = 1024 the row form made the whole prediction
+    1.1x (1024 test points) and 1.6x (4096) faster. AVX-512 is what tells the machines
+    that favour the float64 row form up to 1024 rows from the Zen 3 that does not; past
+    1024 rows the two AVX-512 machines disagree, and the column form is kept.
     Above 10 columns it lost in float64 at n = 256 (0.5-0.7x) and in float32 at n =
     724.
     """
