@@ -1044,7 +1044,7 @@ def section(args: argparse.Namespace) -> str:
 def render(cells: list[Cell], floors: dict, args: argparse.Namespace, info: dict) -> str:
     """The "## Solvers" section (or "## Solvers with momentum"): the run's context, the
     table, the floor, a summary."""
-    command = "python benchmarks/bench_solvers.py " + shlex.join(sys.argv[1:])
+    command = "python benchmarks/bench_solvers.py " + shlex.join(_recorded_args(sys.argv[1:]))
     src0, src1 = info["sources"]
     version = f"commit {src0['commit']}" + (" with uncommitted changes" if src0["dirty"] else "")
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -1114,6 +1114,21 @@ def render(cells: list[Cell], floors: dict, args: argparse.Namespace, info: dict
         "",
     ]
     return "\n".join(parts)
+
+
+def _recorded_args(argv: list[str]) -> list[str]:
+    """The command-line arguments that shape the results: without ``--output`` (a path
+    of the machine that ran it) and ``--no-write``."""
+    kept: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--output":
+            skip = True
+        elif not (a.startswith("--output=") or a == "--no-write"):
+            kept.append(a)
+    return kept
 
 
 def _load(values: tuple[float, ...]) -> str:
