@@ -696,7 +696,7 @@ class _Unweighted(Rodas5P):
     """Rodas5P with its step errors unweighted (as before the decay weight)."""
 
     @staticmethod
-    def _decay_weight(eig, curv, left, damping=None):
+    def _decay_weight(lam_min, curv, left, damping=None):
         return jnp.ones((), curv.dtype)
 
 
@@ -712,8 +712,8 @@ def test_rodas5p_decay_weight():
 
     def w(c, left, e=eig, d=None):
         d = None if d is None else jnp.asarray(d, DTYPE)
-        return float(Rodas5P._decay_weight(e, jnp.asarray(c, DTYPE), jnp.asarray(left, DTYPE),
-                                           d))
+        return float(Rodas5P._decay_weight(e.smallest_nonnull(), jnp.asarray(c, DTYPE),
+                                           jnp.asarray(left, DTYPE), d))
 
     assert w(0.5, 0.0) == 1.0
     assert w(0.5, 1e30) == pytest.approx(1e-2)

@@ -273,13 +273,26 @@ class _Space(NamedTuple):
     eig: Eigen
     dyn: Dynamics
     field: TransposedField | None
+    #: Loop invariants, computed once per solve by :meth:`of` (``None``: per step).
+    invariants: tuple[Array, Array, Array] | None = None
 
     @classmethod
     def of(cls, dyn: Dynamics, eig: Eigen) -> _Space:
         """Transposed where :func:`ntkflow._eigen.transposed_layout` holds, with or
         without momentum (see the module docstring)."""
         transposed = transposed_layout(dyn.k.shape[0], dyn.loss.layout.traced)
-        return cls(eig, dyn, dyn.transposed() if transposed else None)
+        space = cls(eig, dyn, dyn.transposed() if transposed else None)
+        return space._replace(invariants=space.spectrum())
+
+    def spectrum(self) -> tuple[Array, Array, Array]:
+        """``(null, sqrt(lambda), lambda_min)``: the null-mode mask and the square roots
+        of the eigenvalues (0 on null modes) as columns, and the smallest non-null
+        eigenvalue (``inf`` if every mode is null)."""
+        if self.invariants is not None:
+            return self.invariants
+        null = self.column(self.eig.null)
+        sq = jnp.sqrt(jnp.where(null, 0.0, self.column(self.eig.evals)))
+        return null, sq, self.eig.smallest_nonnull()
 
     @property
     def rolled(self) -> bool:
@@ -487,7 +500,7 @@ class Rodas5P(EigenbasisSolver):
 
     @staticmethod
     def _decay_weight(
-        eig: Eigen, curv: Array, left: Array, damping: Array | None = None
+        lam_min: Array, curv: Array, left: Array, damping: Array | None = None
     ) -> Array:
         r"""The weight of a step's error: :math:`w = \min(1, \max(10^{-2}, e^{-\rho L / 2}))`,
         with :math:`L` the time from the step's end to the next output time (:math:`\infty`
@@ -523,8 +536,7 @@ class Rodas5P(EigenbasisSolver):
         horizons stay as often above the predecessor's as without the weight (0 of 12
         with one-hot targets, 6 of 12 with Gaussian ones, against 1 and 6).
         """
-        lam_min = eig.smallest_nonnull()
-        lam_min = jnp.where(jnp.isfinite(lam_min), lam_min, 0.0)
+        lam_min = jnp.where(jnp.isfinite(lam_min), lam_min, 0.0)  # inf: every mode null
         rate = jnp.maximum(curv * lam_min, 0.0)
         if damping is not None:
             ad = jnp.abs(damping)
@@ -548,8 +560,7 @@ class Rodas5P(EigenbasisSolver):
         conjugate-gradient iterations with it against 1,357 with the random direction and
         1,325 with the exact diagonal of ``V^T H V``.)
         """
-        null = space.column(space.eig.null)
-        sq = jnp.sqrt(jnp.where(null, 0.0, space.column(space.eig.evals)))
+        null, sq, _ = space.spectrum()
         _, hvp = jax.linearize(space.grad, x.f)
         flat_shape = x.f.shape if space.field is None else x.f.shape[::-1]
         # A constant of the program, drawn by NumPy at trace time (no per-step work, and
@@ -566,7 +577,7 @@ class Rodas5P(EigenbasisSolver):
         hg = h * _GAMMA
         one = jnp.ones((), x.z.dtype)
         pinv = jnp.broadcast_to(1.0 / (1.0 + hg * curv * op.sq**2), x.z.shape)
-        weight = self._decay_weight(space.eig, curv, left)
+        weight = self._decay_weight(space.spectrum()[2], curv, left)
         tol = _CG_FORCING * (atol + rtol * rms(x.z))
         dtype = x.z.dtype
         assert x.f.shape == x.z.shape
@@ -630,7 +641,7 @@ class Rodas5P(EigenbasisSolver):
         size = jnp.stack([x.z, x.q])
         # The position stage is h*gamma times the velocity stage (Ks = hg (ra + Kt)): solve
         # for the velocity that much more accurately.
-        weight = self._decay_weight(space.eig, curv, left, d)
+        weight = self._decay_weight(space.spectrum()[2], curv, left, d)
         # ... and, as the step error, less accurately where the decay weighs it down.
         tol = (_CG_FORCING_MOMENTUM * (atol + rtol * rms(size)) / jnp.maximum(1.0, hg)
                / jnp.maximum(weight, _CG_WEIGHT_FLOOR))
