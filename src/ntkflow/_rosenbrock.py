@@ -273,7 +273,9 @@ class _Space(NamedTuple):
     eig: Eigen
     dyn: Dynamics
     field: TransposedField | None
-    #: Loop invariants, computed once per solve by :meth:`of` (``None``: per step).
+    #: Loop invariants, computed once per solve by :meth:`of` (``None``: per step; XLA
+    #: left them in the step, inside its conditional: log-cosh, n = 1024, converged
+    #: horizon, 1.15-1.22 s -> 1.10-1.12 s, with momentum 1.42 s -> 1.24 s).
     invariants: tuple[Array, Array, Array] | None = None
 
     @classmethod
