@@ -816,7 +816,8 @@ def test_auto_switches_at_the_measured_break_even_horizon(momentum):
         assert isinstance(choose_solver(dyn, y0, taus, lam), expected)
 
 
-@pytest.mark.skipif(not X64, reason="float32 inputs while 64-bit types are enabled")
+@pytest.mark.skipif(
+    not X64, reason="runs with JAX_ENABLE_X64=1 (float32 inputs, 64-bit types enabled)")
 @pytest.mark.parametrize("momentum", [None, 0.9], ids=["gd", "momentum"])
 @pytest.mark.parametrize("solver", ["expo", "rodas5p", "tsit5", "dopri5", "auto"])
 def test_float32_inputs_with_64_bit_types_enabled(solver, momentum):
