@@ -375,7 +375,7 @@ def test_rodas5p_in_either_layout_gives_the_same_solve(momentum):
         flat: bool = eqx.field(static=True, default=False)
 
         def _space(self, dyn, eig):
-            space = _rosenbrock._Space(eig, dyn, None if self.flat else dyn.transposed())
+            space = _rosenbrock._Space.build(eig, dyn, None if self.flat else dyn.transposed())
             used.append((self.flat, space.field is None))
             return space
 

@@ -258,6 +258,12 @@ class _Carry(NamedTuple):
     fq: Array | None = None
 
 
+def _column(v: Array, field: TransposedField | None) -> Array:
+    """A per-eigenvalue vector, broadcast along the outputs of the flat layout (``field``
+    ``None``) or of the transposed one."""
+    return v[:, None] if field is None else v[None, :]
+
+
 class _Space(NamedTuple):
     """The arrays of a solve: outputs ``F`` and eigen-coordinates ``z = V^T F``, in the
     flat layout ``(rows, traced)``, or transposed, ``(traced, rows)``, where ``field``
@@ -273,28 +279,27 @@ class _Space(NamedTuple):
     eig: Eigen
     dyn: Dynamics
     field: TransposedField | None
-    #: Loop invariants, computed once per solve by :meth:`of` (``None``: per step; XLA
-    #: left them in the step, inside its conditional: log-cosh, n = 1024, converged
-    #: horizon, 1.15-1.22 s -> 1.10-1.12 s, with momentum 1.42 s -> 1.24 s).
-    invariants: tuple[Array, Array, Array] | None = None
+    # Loop invariants, computed once per solve (:meth:`build`), not in every step (XLA
+    # left them in the step, inside its conditional: log-cosh, n = 1024, converged
+    # horizon, 1.15-1.22 s -> 1.10-1.12 s, with momentum 1.42 s -> 1.24 s).
+    null: Array  # the null-mode mask, as a column
+    sq: Array  # sqrt(lambda), 0 on null modes, as a column
+    lam_min: Array  # the smallest non-null eigenvalue (inf if every mode is null)
 
     @classmethod
     def of(cls, dyn: Dynamics, eig: Eigen) -> _Space:
         """Transposed where :func:`ntkflow._eigen.transposed_layout` holds, with or
         without momentum (see the module docstring)."""
         transposed = transposed_layout(dyn.k.shape[0], dyn.loss.layout.traced)
-        space = cls(eig, dyn, dyn.transposed() if transposed else None)
-        return space._replace(invariants=space.spectrum())
+        return cls.build(eig, dyn, dyn.transposed() if transposed else None)
 
-    def spectrum(self) -> tuple[Array, Array, Array]:
-        """``(null, sqrt(lambda), lambda_min)``: the null-mode mask and the square roots
-        of the eigenvalues (0 on null modes) as columns, and the smallest non-null
-        eigenvalue (``inf`` if every mode is null)."""
-        if self.invariants is not None:
-            return self.invariants
-        null = self.column(self.eig.null)
-        sq = jnp.sqrt(jnp.where(null, 0.0, self.column(self.eig.evals)))
-        return null, sq, self.eig.smallest_nonnull()
+    @classmethod
+    def build(cls, eig: Eigen, dyn: Dynamics, field: TransposedField | None) -> _Space:
+        """The space of this layout (``field``: transposed, ``None``: flat), with its
+        loop invariants."""
+        null = _column(eig.null, field)
+        sq = jnp.sqrt(jnp.where(null, 0.0, _column(eig.evals, field)))
+        return cls(eig, dyn, field, null, sq, eig.smallest_nonnull())
 
     @property
     def rolled(self) -> bool:
@@ -316,10 +321,6 @@ class _Space(NamedTuple):
     def grad(self, f: Array) -> Array:
         """The loss gradient ``G(F)``."""
         return self.dyn.grad_fn(f) if self.field is None else self.field.gradient(f)
-
-    def column(self, v: Array) -> Array:
-        """A per-eigenvalue vector, broadcast along the outputs."""
-        return v[:, None] if self.field is None else v[None, :]
 
     def flat(self, a: Array) -> Array:
         """An array of this space in the flat layout, or the converse (a transpose or
@@ -562,7 +563,7 @@ class Rodas5P(EigenbasisSolver):
         conjugate-gradient iterations with it against 1,357 with the random direction and
         1,325 with the exact diagonal of ``V^T H V``.)
         """
-        null, sq, _ = space.spectrum()
+        null, sq = space.null, space.sq
         _, hvp = jax.linearize(space.grad, x.f)
         flat_shape = x.f.shape if space.field is None else x.f.shape[::-1]
         # A constant of the program, drawn by NumPy at trace time (no per-step work, and
@@ -579,7 +580,7 @@ class Rodas5P(EigenbasisSolver):
         hg = h * _GAMMA
         one = jnp.ones((), x.z.dtype)
         pinv = jnp.broadcast_to(1.0 / (1.0 + hg * curv * op.sq**2), x.z.shape)
-        weight = self._decay_weight(space.spectrum()[2], curv, left)
+        weight = self._decay_weight(space.lam_min, curv, left)
         tol = _CG_FORCING * (atol + rtol * rms(x.z))
         dtype = x.z.dtype
         assert x.f.shape == x.z.shape
@@ -643,7 +644,7 @@ class Rodas5P(EigenbasisSolver):
         size = jnp.stack([x.z, x.q])
         # The position stage is h*gamma times the velocity stage (Ks = hg (ra + Kt)): solve
         # for the velocity that much more accurately.
-        weight = self._decay_weight(space.spectrum()[2], curv, left, d)
+        weight = self._decay_weight(space.lam_min, curv, left, d)
         # ... and, as the step error, less accurately where the decay weighs it down.
         tol = (_CG_FORCING_MOMENTUM * (atol + rtol * rms(size)) / jnp.maximum(1.0, hg)
                / jnp.maximum(weight, _CG_WEIGHT_FLOOR))
