@@ -102,6 +102,38 @@ def test_cross_entropy_expo_and_tsit5_agree():
         assert rel_err(u, v) < (1e-5 if X64 else 5e-3)
 
 
+@pytest.mark.parametrize("solver", [Tsit5, Dopri5])
+def test_explicit_solves_compile_with_their_cpu_options_where_accepted(solver):
+    """The explicit loops' XLA options (``cpu_compiler_options``) give a program of their
+    own on a CPU whose jaxlib accepts them, and the same solve as the program without
+    them; options a jaxlib rejects, or none, give the plain program."""
+    from ntkflow import _ode
+
+    options = solver.cpu_compiler_options
+    assert options and _ode.compiled_solve(()) is _ode._solve
+    assert _ode.compiled_solve((("xla_no_such_option", "1"),)) is _ode._solve
+    compiled = _ode.compiled_solve(options)
+    if jax.default_backend() == "cpu" and _ode._accepted(options):
+        assert compiled is not _ode._solve
+    k_tt, k_st, _, f0, ft0 = _stiff_problem(cond=1e2)
+    y = jax.nn.one_hot(jnp.arange(k_tt.shape[0]) % 3, 3, dtype=DTYPE)
+    dyn = Dynamics(k_tt, FlatLoss(cross_entropy, make_layout(y.shape, (-1,)), (y.shape[0],)),
+                   y, None, True)
+    y0 = dyn.initial_state(f0, None)
+    ts = jnp.array([3.0, 0.0, 30.0], DTYPE)
+    args = (dyn, y0, ts, solver().for_concrete_inputs(), TOL["rtol"], TOL["atol"], 1000)
+    (with_options, info), (plain, _) = compiled(*args), _ode._solve(*args)
+    assert bool(info.ok) and int(info.num_steps) >= 3
+    for a, b in zip(jax.tree.leaves(with_options), jax.tree.leaves(plain), strict=True):
+        assert rel_err(a, b) < (1e-12 if X64 else 1e-5)
+    # Staged into an enclosing trace (a predictor under jit, its arrays closed over):
+    # the plain program, as a nested jit may carry no compiler options.
+    predict = nt.predict.gradient_descent(cross_entropy, k_tt, y, solver=solver.name)
+    staged = jax.jit(lambda: predict(ts, f0, ft0, k_st))()
+    for a, b in zip(staged, predict(ts, f0, ft0, k_st), strict=True):
+        assert rel_err(a, b) < (1e-8 if X64 else 2e-3)
+
+
 def test_solver_that_gives_up_says_so():
     k_tt, _, y, f0, _ = _stiff_problem(cond=1e4)
     predict = nt.predict.gradient_descent(mse, k_tt, y, solver="tsit5", max_steps=20)

@@ -500,8 +500,36 @@ def test_randomized_psd_check_finds_an_isolated_negative_eigenvalue(lowest):
     else:
         with pytest.raises(ValueError, match="k_train_train.*positive semi-definite"):
             _checks.check_psd(k, "k_train_train", k.dtype)
-    assert abs(_checks.check_psd(positive, "k_train_train", k.dtype) - 1.0) < (
-        1e-10 if X64 else 1e-5)
+    # (a float64 kernel's estimate comes from its single-precision screen)
+    assert abs(_checks.check_psd(positive, "k_train_train", k.dtype) - 1.0) < 1e-5
+
+
+@pytest.mark.skipif(not X64, reason="float64 kernels: runs with JAX_ENABLE_X64=1")
+def test_single_precision_screen_defers_to_the_kernel_precision(monkeypatch):
+    """A double-precision kernel that the single-precision Lanczos screen flags is decided
+    by the estimate in its own precision: accepted if PSD there, rejected if not."""
+    from ntkflow import _checks
+
+    n = _checks.PSD_EXACT_MAX_ROWS + 8
+    q, _ = np.linalg.qr(np.random.default_rng(4).normal(size=(n, n)))
+    lam = np.arange(1, n + 1, dtype=np.float64) ** -1.5
+    k = np.asarray((q * lam) @ q.T)
+    calls = []
+
+    def flagging(k):
+        calls.append(k.dtype)
+        return jnp.asarray(-0.5), jnp.asarray(1.0)  # "lowest eigenvalue -0.5": flagged
+
+    monkeypatch.setattr(_checks, "_screening_eigenvalue_range", flagging)
+    largest = _checks.check_psd(jnp.asarray(k), "k_train_train", np.float64)
+    assert calls and abs(largest - 1.0) < 1e-10  # decided in float64: accepted
+    lam[-1] = -1e-3
+    indefinite = jnp.asarray((q * lam) @ q.T)
+    with pytest.raises(ValueError, match="k_train_train.*positive semi-definite"):
+        _checks.check_psd(indefinite, "k_train_train", np.float64)
+    monkeypatch.undo()  # the real screen flags it too, and float64 gives the numbers
+    with pytest.raises(ValueError, match="most negative eigenvalue of -0.001"):
+        _checks.check_psd(indefinite, "k_train_train", np.float64)
 
 
 @pytest.mark.parametrize("factor", [-3.0, -1.5, -1.1, -0.9, -0.6, -0.3, 0.0, 0.5])

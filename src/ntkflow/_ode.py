@@ -4,10 +4,16 @@ This is the one place that turns user times into what solvers accept: it
 sorts the requested times, splits off ``inf`` (the end point of training),
 runs the solver once over the sorted finite times, continues to convergence
 if any time is infinite, and puts the results back in the requested order.
+
+The solve is one compiled program. A solver may ask for XLA options for it on a CPU
+(``AbstractSolver.cpu_compiler_options``); they are passed to that program's
+compilation only (``jax.jit``'s ``compiler_options``), where the installed jaxlib
+accepts them and the call is not staged into an enclosing trace.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +29,45 @@ from ntkflow._solvers import AbstractSolver, SolveInfo
 __all__ = ["solve_at"]
 
 
-@eqx.filter_jit
 def solve_at(
+    dynamics: Dynamics, y0: FlatState, taus: Float[Array, " m"], solver: AbstractSolver,
+    *args: Any, **kwargs: Any,
+) -> tuple[Any, SolveInfo]:
+    """:func:`_solve_fn` (arguments and result there) as one compiled program, with
+    ``solver.cpu_compiler_options`` where they apply (:func:`compiled_solve`)."""
+    options = () if _staged() else solver.cpu_compiler_options
+    return compiled_solve(options)(dynamics, y0, taus, solver, *args, **kwargs)
+
+
+def _staged() -> bool:
+    """Whether this call is staged into an enclosing trace (``jax.jit`` of a predictor,
+    even one whose arrays are all concrete), where a nested ``jax.jit`` may not carry
+    compiler options: there JAX makes every new array a tracer."""
+    return isinstance(jnp.zeros(()), jax.core.Tracer)
+
+
+@functools.cache
+def compiled_solve(options: tuple[tuple[str, str], ...]) -> Callable[..., Any]:
+    """The compiled solve with the XLA ``options`` (see :func:`solve_at`), or without them
+    where none are asked for, the default backend is not a CPU, or this jaxlib rejects
+    them (an unknown or renamed flag: each is tried once, on a trivial program)."""
+    if not options or jax.default_backend() != "cpu" or not _accepted(options):
+        return _solve
+    try:  # equinox passes keyword arguments on to jax.jit (untyped)
+        return eqx.filter_jit(_solve_fn, compiler_options=dict(options))  # type: ignore[call-overload]
+    except TypeError:  # an equinox that does not
+        return _solve
+
+
+def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(0.0).compile()
+    except Exception:  # noqa: BLE001 (TypeError, XlaRuntimeError: any refusal)
+        return False
+    return True
+
+
+def _solve_fn(
     dynamics: Dynamics,
     y0: FlatState,
     taus: Float[Array, " m"],
@@ -100,6 +143,9 @@ def solve_at(
     if readout is not None:
         return readout(dynamics, taus, ys), merged
     return ys, merged
+
+
+_solve = eqx.filter_jit(_solve_fn)
 
 
 def _on_range(y: FlatState, eigen: Eigen) -> FlatState:

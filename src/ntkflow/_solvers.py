@@ -212,6 +212,9 @@ class AbstractSolver(eqx.Module):
     name: ClassVar[str]
     stiff: ClassVar[bool]
     eigenbasis: ClassVar[bool] = False
+    #: XLA options for the compiled solve on a CPU, as ``((flag, value), ...)``, applied
+    #: where this jaxlib knows them (see :func:`ntkflow._ode.solve_at`).
+    cpu_compiler_options: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def for_concrete_inputs(self) -> AbstractSolver:
         """The solver to use when the inputs are concrete arrays (not traced by a JAX
