@@ -102,7 +102,7 @@ Measurements
   ``--reference-timeout`` (``n/a`` beyond). Cross-entropy has no finite end point (the
   outputs grow without bound); its ``t=None`` cell reports the training loss reached.
 * Work: ntkflow's solver steps (``auto``'s choice: ``expo`` = exponential integrator,
-  ``rodas5p`` = Rosenbrock method, ``tsit5``, ``dopri5`` = explicit; for ``chebyshev``,
+  ``rodas5p`` = Rosenbrock method, ``tsit5``, ``dopri5``, ``dopri8`` = explicit; for ``chebyshev``,
   the Chebyshev expansion of the MSE solution, its degree, i.e. kernel products); the
   baseline's right-hand-side evaluations (each one product
   with the ``(n + n_test) x n`` kernel), counted by a ``jax.debug.callback`` in a

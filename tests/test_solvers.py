@@ -16,7 +16,7 @@ from ntkflow._axes import make_layout
 from ntkflow._chebyshev import Chebyshev
 from ntkflow._dynamics import Dynamics, FlatLoss, TransposedField
 from ntkflow._eigen import Eigen
-from ntkflow._explicit import DOPRI5, TSIT5, Dopri5, Tsit5
+from ntkflow._explicit import DOPRI5, DOPRI8, TSIT5, Dopri5, Dopri8, Tsit5
 from ntkflow._expo import Expo
 from ntkflow._rosenbrock import Rodas5P
 from tests.conftest import DTYPE, TOL, X64, float32_power_law_problem, rel_err
@@ -38,7 +38,8 @@ def _stiff_problem(n=24, k=3, cond=1e4, n_test=5):
     return full[:n, :n], full[n:, :n], y, f0, ft0
 
 
-@pytest.mark.parametrize("solver", ["expo", "rodas5p", "tsit5", "dopri5", "kvaerno5", "auto"])
+@pytest.mark.parametrize(
+    "solver", ["expo", "rodas5p", "tsit5", "dopri5", "dopri8", "kvaerno5", "auto"])
 def test_mse_every_solver_matches_closed_form(solver):
     k_tt, k_st, y, f0, ft0 = _stiff_problem(cond=1e2)
     ts = jnp.array([0.0, 3.0, 30.0, 300.0])
@@ -102,7 +103,7 @@ def test_cross_entropy_expo_and_tsit5_agree():
         assert rel_err(u, v) < (1e-5 if X64 else 5e-3)
 
 
-@pytest.mark.parametrize("solver", [Tsit5, Dopri5])
+@pytest.mark.parametrize("solver", [Tsit5, Dopri5, Dopri8])
 def test_explicit_solves_compile_with_their_cpu_options_where_accepted(solver):
     """The explicit loops' XLA options (``cpu_compiler_options``) give a program of their
     own on a CPU whose jaxlib accepts them, and the same solve as the program without
@@ -144,7 +145,7 @@ def test_solver_that_gives_up_says_so():
         predict(1e4, f0)
 
 
-@pytest.mark.parametrize("solver", ["tsit5", "dopri5"])
+@pytest.mark.parametrize("solver", ["tsit5", "dopri5", "dopri8"])
 @pytest.mark.parametrize("momentum", [None, 0.9])
 def test_own_explicit_loop_matches_diffrax(momentum, solver):
     """ntkflow's explicit loop (concrete inputs; compensated in float32) against diffrax's
@@ -264,6 +265,55 @@ def test_own_explicit_dense_output_is_accurate_and_free(tableau):
     assert rel_err(ys_many.f, exact) < (1e-7 if X64 else 5e-3)
 
 
+def test_dopri8_steps_end_at_the_output_times():
+    """The 8th-order pair has no continuous extension of its order: its steps end at every
+    requested time (one more step per time inside a step), so outputs between steps are
+    as accurate as at their ends; and after a step cut short the next is not."""
+    from ntkflow._explicit import integrate
+
+    k_tt, _, y, f0, _ = _stiff_problem(cond=1e2)
+    layout = make_layout(y.shape, (-1,))
+    dyn = Dynamics(k_tt, FlatLoss(mse, layout, (k_tt.shape[0],)), y, None, False)
+    y0 = dyn.initial_state(f0, None)
+    rtol = 1e-10 if X64 else 1e-6
+    run = jax.jit(integrate, static_argnames=("rtol", "atol", "max_steps", "tableau"))
+    few = jnp.asarray([0.0, 0.37, 0.37, 5.0, 17.3, 50.0], DTYPE)
+    ys, info = run(dyn, y0, few, rtol=rtol, atol=rtol, max_steps=10_000, tableau=DOPRI8)
+    _, info_one = run(dyn, y0, few[-1:], rtol=rtol, atol=rtol, max_steps=10_000,
+                      tableau=DOPRI8)
+    assert bool(info.ok) and bool(info_one.ok)
+    assert int(info.num_rhs) == 13 * int(info.num_steps) + 2
+    assert int(info_one.num_steps) < int(info.num_steps) <= int(info_one.num_steps) + 3
+    exact = nt.predict.gradient_descent_mse(k_tt, y)(few, f0)
+    assert rel_err(ys.f, exact) < (1e-9 if X64 else 5e-4)
+    for i in range(1, few.shape[0]):
+        assert rel_err(ys.f[i], exact[i]) < (1e-9 if X64 else 5e-4)
+
+
+@pytest.mark.skipif(not X64, reason="auto's 8th-order pair: runs with JAX_ENABLE_X64=1")
+def test_dopri8_at_the_tolerance_is_as_accurate_as_the_predecessors_method():
+    """Cross-entropy at short horizons (S = 3-30), one and four output times, test outputs:
+    the 8th-order pair at the user's tolerance errs less than Dormand-Prince 5(4) (the
+    predecessor's ``odeint`` method) at the same tolerance, against a tight solve."""
+    k_tt, k_st, _, f0, ft0 = _stiff_problem(n=48, cond=1e3, n_test=6)
+    y = jax.nn.one_hot(jnp.arange(k_tt.shape[0]) % 3, 3, dtype=DTYPE)
+    lam = float(jnp.linalg.eigvalsh(k_tt)[-1])
+    c0 = 1.0 / (3 * y.size)  # the softmax curvature at f = 0 along a gradient
+    for s in (3.0, 10.0, 30.0):
+        horizon = s / (c0 * lam)
+        for ts in (jnp.asarray([horizon]), horizon * jnp.asarray([0.013, 0.37, 0.5, 1.0])):
+            def solve(solver, ts=ts, tol=1.4e-8):
+                return nt.predict.gradient_descent(
+                    cross_entropy, k_tt, y, solver=solver, rtol=tol, atol=tol
+                )(ts, f0, ft0, k_st)
+
+            ref = solve("tsit5", tol=1e-13)
+            err = {m: max(float(jnp.max(jnp.abs(a - b)))
+                          for a, b in zip(solve(m), ref, strict=True))
+                   for m in ("dopri8", "dopri5")}
+            assert err["dopri8"] <= err["dopri5"], (s, ts.shape, err)
+
+
 def test_own_tsit5_loop_reports_non_finite_values():
     k_tt, _, y, f0, _ = _stiff_problem(cond=1e2)
     explode = lambda fx, y_: -jnp.mean(jnp.exp(fx) * y_)  # unbounded below: outputs blow up
@@ -305,6 +355,23 @@ def test_expo_with_momentum_reaches_the_end_of_training(momentum):
         assert rel_err(a, b) < (1e-6 if X64 else 5e-3)
 
 
+@pytest.mark.parametrize(
+    ("s", "times", "expected"),
+    [
+        (10.0, [3.0], Dopri8), (10.0, [0.0, 1.0, 2.0, 3.0, 3.0], Dopri8),  # 3 distinct > 0
+        (10.0, [1.0, 2.0, 3.0, 4.0], Tsit5), (2.0, [1.0, 2.0], Dopri8),
+        (2.0, [1.0, 2.0, 3.0], Tsit5), (50.0, [float(i) for i in range(1, 8)], Dopri8),
+        (60.0, [3.0], Tsit5), (10.0, [3.0, float("inf")], Tsit5), (float("nan"), [3.0], Tsit5),
+    ],
+)
+def test_auto_explicit_method_by_stiffness_and_output_times(s, times, expected):
+    """Double precision: the 8th-order pair up to S = 50 with at most max(2, sqrt(S))
+    distinct output times after 0, Tsit5 otherwise; single precision: Dopri5."""
+    got = explicit_solver(DTYPE, s, np.asarray(times))
+    assert type(got) is (expected if X64 else Dopri5)
+    assert type(explicit_solver(DTYPE)) is (Tsit5 if X64 else Dopri5)  # unknown: Tsit5
+
+
 def test_auto_choice_is_explicit():
     k_tt, _, y, f0, _ = _stiff_problem(cond=1e4)
     layout = make_layout(y.shape, (-1,))
@@ -324,7 +391,8 @@ def test_auto_choice_is_explicit():
     assert isinstance(choose_solver(regression, y0, jnp.array([jnp.inf]), lam), Rodas5P)
     explicit = type(explicit_solver(DTYPE))  # Tsit5 in float64, Dopri5 in float32
     assert explicit is (Tsit5 if X64 else Dopri5)
-    assert isinstance(choose_solver(regression, y0, jnp.array([1.0]), lam), explicit)
+    short = Dopri8 if X64 else Dopri5  # short horizons, few output times
+    assert isinstance(choose_solver(regression, y0, jnp.array([1.0]), lam), short)
     labels = jax.nn.one_hot(jnp.arange(y.shape[0]) % 3, 3, dtype=DTYPE)
     classification = Dynamics(k_tt, flat(cross_entropy), labels, None, False)
     for t in (1e6, jnp.inf):
@@ -333,9 +401,9 @@ def test_auto_choice_is_explicit():
     damped = Dynamics(k_tt, flat(cross_entropy), labels, jnp.asarray(-0.1, DTYPE), False)
     for t in (1e6, jnp.inf):
         assert isinstance(choose_solver(damped, y0, jnp.array([t]), lam), Rodas5P)
-    assert isinstance(choose_solver(damped, y0, jnp.array([1e-3]), lam), explicit)
+    assert isinstance(choose_solver(damped, y0, jnp.array([1e-3]), lam), short)
     with_momentum = Dynamics(k_tt, dyn.loss, y, jnp.asarray(-0.1, DTYPE), False)
-    assert isinstance(choose_solver(with_momentum, y0, jnp.array([1e-3]), lam), explicit)
+    assert isinstance(choose_solver(with_momentum, y0, jnp.array([1e-3]), lam), short)
     assert isinstance(choose_solver(with_momentum, y0, jnp.array([1e6]), lam), Expo)
 
 

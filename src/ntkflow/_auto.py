@@ -70,13 +70,25 @@ the eigenbasis solvers' adaptive loops are not; with concrete inputs the explici
 methods run in ntkflow's own, leaner loop, :mod:`ntkflow._explicit`). The explicit
 method is ``"tsit5"`` (Tsitouras) in double precision and ``"dopri5"``
 (Dormand-Prince) in single precision, where its smaller solution weights carry a
-fifth of Tsit5's round-off (:class:`ntkflow._explicit.Dopri5`). Pass
+fifth of Tsit5's round-off (:class:`ntkflow._explicit.Dopri5`). In double precision,
+finite horizons with :math:`S \le 50` and at most :math:`\max(2, \sqrt S)` distinct
+output times after 0 get Prince and Dormand's 8(7) pair, ``"dopri8"``
+(:class:`ntkflow._explicit.Dopri8`), at the user's tolerances: 13 kernel products a
+step against Tsit5's 6, for a third of the steps (cross-entropy, n = 128, S = 10: 13
+steps against 36 at a third of the tolerance, with errors 1.3e-8 and 9.2e-9 against
+Dormand-Prince 5(4)'s 5.0e-8 at the tolerance). Its steps end at the output times,
+about one more step each. Measured against Tsit5 (float64, cross-entropy, one
+output time): n = 1024 1.26x faster at S = 10, 1.15x at 30, 1.12x at 50, 1.01x at
+100, 0.88x at 300; n = 256 1.18x, 1.17x, 1.12x, 1.06x, 0.98x; log-cosh at S = 10
+1.20x; with momentum 0.9 1.32-1.38x. With more output times: S = 10, 4 times 1.18x
+and 20 times 0.77x; S = 30, 5 times 1.07x; S = 50, 7 times 1.02x. Pass
 ``solver="expo"`` or ``"rodas5p"`` to force one (e.g. under ``jit``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import equinox as eqx
@@ -90,7 +102,7 @@ from ntkflow._chebyshev import MAX_WIDTH, Chebyshev, spectral_bound
 from ntkflow._checks import start_vector
 from ntkflow._compensated import compensate
 from ntkflow._dynamics import Dynamics, FlatState, rms
-from ntkflow._explicit import Dopri5, Tsit5
+from ntkflow._explicit import Dopri5, Dopri8, Tsit5
 from ntkflow._solvers import AbstractSolver
 from ntkflow._typing import is_concrete
 
@@ -225,9 +237,23 @@ def classify(
     )
 
 
-def explicit_solver(dtype: Any) -> AbstractSolver:
-    """``auto``'s explicit method for this float type (see the module docstring)."""
-    return Dopri5() if compensate(dtype) else Tsit5()
+#: In double precision ``auto`` takes the 8th-order pair up to this stiffness ``S`` and
+#: ``max(2, sqrt(S))`` output times (module docstring).
+_DOPRI8_MAX_STIFFNESS = 50.0
+
+
+def explicit_solver(dtype: Any, s: Any = None, taus: Any = None) -> AbstractSolver:
+    """``auto``'s explicit method for this float type and, if known, the request's
+    stiffness ``s`` and times ``taus`` (see the module docstring)."""
+    if compensate(dtype):
+        return Dopri5()
+    if s is None or taus is None:
+        return Tsit5()
+    times = np.asarray(taus)
+    if np.any(np.isinf(times)) or not float(s) <= _DOPRI8_MAX_STIFFNESS:
+        return Tsit5()
+    outputs = np.unique(times[times > 0]).size
+    return Dopri8() if outputs <= max(2.0, math.sqrt(float(s))) else Tsit5()
 
 
 def choose_solver(
@@ -254,7 +280,7 @@ def choose_solver(
     elif dynamics.momentum:
         stiff_solver, (a, b) = Rodas5P(), _STIFF["rodas5p, classification, momentum"]
     else:
-        return explicit_solver(y0.f.dtype)
+        return explicit_solver(y0.f.dtype, s, taus)
     if infinite or s > a * dynamics.k.shape[0] + b:
         return stiff_solver
-    return explicit_solver(y0.f.dtype)
+    return explicit_solver(y0.f.dtype, s, taus)

@@ -35,15 +35,19 @@ def solve_at(
 ) -> tuple[Any, SolveInfo]:
     """:func:`_solve_fn` (arguments and result there) as one compiled program, with
     ``solver.cpu_compiler_options`` where they apply (:func:`compiled_solve`)."""
-    options = () if _staged() else solver.cpu_compiler_options
+    traced = _staged(dynamics, y0, taus, args, kwargs)
+    options = () if traced else solver.cpu_compiler_options
     return compiled_solve(options)(dynamics, y0, taus, solver, *args, **kwargs)
 
 
-def _staged() -> bool:
-    """Whether this call is staged into an enclosing trace (``jax.jit`` of a predictor,
-    even one whose arrays are all concrete), where a nested ``jax.jit`` may not carry
-    compiler options: there JAX makes every new array a tracer."""
-    return isinstance(jnp.zeros(()), jax.core.Tracer)
+def _staged(*inputs: Any) -> bool:
+    """Whether this call is part of an enclosing transformation, where a nested
+    ``jax.jit`` may not carry compiler options: some input is a tracer (``jax.grad``,
+    ``jax.vmap``, ...), or, under ``jax.jit`` of a predictor whose arrays are all
+    concrete, a new array is one."""
+    leaves = jax.tree.leaves(inputs)
+    return any(isinstance(x, jax.core.Tracer) for x in leaves) or isinstance(
+        jnp.zeros(()), jax.core.Tracer)
 
 
 @functools.cache

@@ -542,15 +542,16 @@ def gradient_descent(
         ``ntkflow.predict.SOLVERS`` (``"expo"``: exponential integrator in the
         kernel's eigenbasis, stiff, exact for MSE; ``"rodas5p"``: Rosenbrock
         method with the true Jacobian in the eigenbasis, stiff, any loss;
-        ``"tsit5"``, ``"dopri5"``: explicit; ``"kvaerno5"``: implicit, small
-        problems) or a solver instance. ``"auto"`` picks a Chebyshev expansion
+        ``"tsit5"``, ``"dopri5"``, ``"dopri8"``: explicit; ``"kvaerno5"``: implicit,
+        small problems) or a solver instance. ``"auto"`` picks a Chebyshev expansion
         of the exact solution for the MSE at short horizons; for stiff requests
         and ``t = inf``, ``"expo"`` (isotropic loss curvature, e.g. MSE) or
         ``"rodas5p"`` (other regression losses), and an explicit method
-        otherwise (always under JAX transformations): ``"tsit5"`` in float64,
-        ``"dopri5"`` in float32; see :mod:`ntkflow._auto`. ``"expo"``
-        and ``"rodas5p"`` are not reverse-mode differentiable (``jax.grad``:
-        use ``"auto"``, ``"tsit5"`` or ``"dopri5"``).
+        otherwise (always under JAX transformations): in float64 ``"dopri8"`` for
+        short horizons with few output times, else ``"tsit5"``; ``"dopri5"`` in
+        float32; see :mod:`ntkflow._auto`. ``"expo"`` and ``"rodas5p"`` are not
+        reverse-mode differentiable (``jax.grad``: use ``"auto"`` or an explicit
+        method).
       rtol, atol: keyword-only tolerances of the adaptive solver (default
         ``1.4e-8`` in float64, as neural-tangents; ``1e-6`` in float32). Tsit5
         controls its finite-time steps to a third of them, for about
