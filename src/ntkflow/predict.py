@@ -215,6 +215,31 @@ def _loss_shape(flat_loss: FlatLoss, f: Array, y: Array) -> Any:
     return _loss_value.eval_shape(flat_loss, f, y)
 
 
+def _train_from_gradients(solver: AbstractSolver, dynamics: Dynamics, concrete: bool,
+                          infinite: bool | None) -> bool:
+    r"""Whether a float32 explicit solve reads its train outputs as
+    :math:`F(\tau) = F(0) - K S_1(\tau)` (compensated, as the test outputs) rather than
+    from its state :math:`F`.
+
+    A Runge-Kutta method's state and its gradient integral :math:`S_1` (carried for the
+    test outputs) take the same weighted sums of the stages, so in exact arithmetic
+    :math:`F_n = F(0) - K S_{1,n}` after every step. In float32 the state also sums the
+    round-off of every stage's product :math:`K G` (relative to its stiff components),
+    which the compensated read-out does not. Measured (cross-entropy, n = 256, 10
+    classes, condition number 1e4, six problem seeds, errors against a float64 solve
+    from the same float32 inputs): at S = 10 4.2e-7 - 1.0e-6 -> 1.6e-7 - 3.8e-7, at
+    S = 1000 4.9e-6 - 1.1e-5 -> 3.1e-6 - 4.6e-6, at S = 1e5 unchanged (3e-5 - 2e-4, the
+    saturated softmax's round-off), at the cost of one product with ``K`` per output
+    time. Applied where :math:`S_1` is integrated
+    anyway (test points given) and the inputs are concrete, without momentum and at
+    finite times (the end-of-training solve stops on the state's convergence).
+    """
+    return (concrete and infinite is not None and not infinite and dynamics.with_test
+            and not dynamics.momentum
+            and isinstance(solver, _explicit._OwnLoopSolver)
+            and jnp.dtype(dynamics.k.dtype) == jnp.dtype(jnp.float32))
+
+
 class _Readout(eqx.Module):
     """A ``gradient_descent`` predictor's outputs from the solver's states.
 
@@ -222,18 +247,26 @@ class _Readout(eqx.Module):
     test outputs and the reshapes to the caller's layout and times add no
     separate dispatches. Returns ``(fx_train, qx_train, fx_test, qx_test)``
     (``None`` where not computed).
+
+    With ``f_train0`` set (float32 explicit solves with test points, see
+    :func:`_train_from_gradients`), the train outputs are read out as the test outputs
+    are, :math:`F(0) - K S_1` with the compensated product, instead of from the state.
     """
 
     f_test0: Array | None
     q_test0: Array | None
     k_test: Array | None
+    f_train0: Array | None
     layout: Layout = eqx.field(static=True)
     rows_shape: tuple[int, ...] = eqx.field(static=True)
     test_rows: tuple[int, ...] | None = eqx.field(static=True)
     t_shape: tuple[int, ...] = eqx.field(static=True)
 
     def __call__(self, dynamics: Dynamics, taus: Array, ys: Any) -> tuple[Any, Any, Any, Any]:
-        fx = _from_flat(ys.f, self.layout, self.rows_shape, self.t_shape)
+        f = ys.f
+        if self.f_train0 is not None:
+            f, _ = dynamics.test_outputs(taus, ys, self.f_train0, None, dynamics.k)
+        fx = _from_flat(f, self.layout, self.rows_shape, self.t_shape)
         qx = None if ys.q is None else _from_flat(ys.q, self.layout, self.rows_shape, self.t_shape)
         if self.test_rows is None:
             return fx, qx, None, None
@@ -702,7 +735,9 @@ def gradient_descent(
                 dyn = Dynamics(dyn.k, flat_loss, b.y, damping, with_test, eigen_now)
         if prepared is not None:  # nothing to differentiate: the fastest variant
             chosen = chosen.for_concrete_inputs()
-        readout = _Readout(ft0, qt0, kt, b.layout, b.rows_shape, test_rows, t_shape)
+        from_gradients = _train_from_gradients(chosen, dyn, prepared is not None, infinite)
+        f_train0 = f0 if from_gradients else None
+        readout = _Readout(ft0, qt0, kt, f_train0, b.layout, b.rows_shape, test_rows, t_shape)
         outputs, info = solve_at(
             dyn, y0, tau.astype(f0.dtype), chosen, rtol_, atol_, max_steps, infinite, readout
         )
