@@ -230,9 +230,9 @@ def _train_from_gradients(solver: AbstractSolver, dynamics: Dynamics, concrete: 
     from the same float32 inputs): at S = 10 4.2e-7 - 1.0e-6 -> 1.6e-7 - 3.8e-7, at
     S = 1000 4.9e-6 - 1.1e-5 -> 3.1e-6 - 4.6e-6, at S = 1e5 unchanged (3e-5 - 2e-4, the
     saturated softmax's round-off), at the cost of one product with ``K`` per output
-    time. Applied where :math:`S_1` is integrated
-    anyway (test points given) and the inputs are concrete, without momentum and at
-    finite times (the end-of-training solve stops on the state's convergence).
+    time. Applied where :math:`S_1` is integrated anyway (test points given) and the
+    inputs are concrete, without momentum and at finite times (the end-of-training solve
+    stops on the state's convergence).
     """
     return (concrete and infinite is not None and not infinite and dynamics.with_test
             and not dynamics.momentum
