@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import ntkflow as nt
+import ntkflow.predict as predict_module
 from ntkflow._auto import choose_solver, explicit_solver, largest_eigenvalue
 from ntkflow._axes import make_layout
 from ntkflow._chebyshev import Chebyshev
@@ -19,6 +20,7 @@ from ntkflow._eigen import Eigen
 from ntkflow._explicit import DOPRI5, DOPRI8, TSIT5, Dopri5, Dopri8, Tsit5
 from ntkflow._expo import Expo
 from ntkflow._rosenbrock import Rodas5P
+from ntkflow.predict import _train_from_gradients
 from tests.conftest import DTYPE, TOL, X64, float32_power_law_problem, rel_err
 
 mse = lambda fx, y: 0.5 * jnp.mean((fx - y) ** 2)
@@ -1220,8 +1222,6 @@ def test_float32_explicit_train_outputs_are_read_out_like_the_test_outputs():
     train, test = predict(t, f0, f0, k_tt)
     assert train.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(train), np.asarray(test))
-    from ntkflow.predict import _train_from_gradients
-
     loss = FlatLoss(cross_entropy, make_layout(y.shape, (-1,)), (y.shape[0],))
     dyn = Dynamics(jnp.asarray(k_tt), loss, jnp.asarray(y), None, True)
     assert _train_from_gradients(Dopri5(), dyn, True, False)
@@ -1245,8 +1245,6 @@ def test_float32_train_read_out_removes_the_products_round_off(monkeypatch):
     S_1`` read out compensated does not. Errors against a float64 solve from the same
     float32 inputs, three problem seeds: measured 6.7e-7, 1.6e-7, 2.1e-7 against 7.5e-7,
     3.7e-7, 6.9e-7 read from the state (geometric mean of the ratios 0.49)."""
-    import ntkflow.predict as predict_module
-
     errors = {True: [], False: []}
     for seed in range(3):
         k_tt, k_st, y, f0, ft0, lam_max = _float32_power_law_classes(256, 32, 10, seed)
