@@ -467,15 +467,16 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
     """
     y0, lo0 = _split_lo(y0, y0.lo is not None)
     test = end_of_training_test(dyn, eigen, y0, rtol, atol, active)
-    noise, noise_bs3 = _roundoff(dyn, y0, tableau), _roundoff(dyn, y0, BS3)
+    switch = (dyn.damping is None and tableau.stability is not None
+              and jnp.dtype(y0.f.dtype).itemsize > 4)
+    noise = _roundoff(dyn, y0, tableau)
+    noise_bs3 = _roundoff(dyn, y0, BS3) if switch else None
     field, orient = _field(dyn, y0)
     y0, lo0 = orient((y0, lo0))
     is_done = lambda y: test(orient(y))  # noqa: E731
     k0 = field(tau0, y0)
     step_rtol, step_atol = explicit_end_tolerances(dyn, rtol, atol)
     h0 = _initial_h(field, y0, k0, step_rtol, step_atol, tableau.exponent)
-    switch = (dyn.damping is None and tableau.stability is not None
-              and jnp.dtype(y0.f.dtype).itemsize > 4)
     start = _Loop(tau0, y0, lo0, k0, h0, jnp.zeros((), jnp.int32), is_done(y0),
                   jnp.ones((), bool), jnp.zeros((), bool), jnp.zeros((), jnp.int32))
     first = _converge_loop(field, tableau, start, is_done, step_rtol, step_atol,
@@ -486,6 +487,7 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
         # BS3 goes on where the first loop stopped for stiffness; elsewhere (done, out of
         # steps, non-finite) its loop stops at once (``stiff`` set).
         assert tableau.stability is not None and BS3.stability is not None
+        assert noise_bs3 is not None
         scale = BS3.stability / tableau.stability
         second = first._replace(h=first.h * scale, stiff=~first.stiff)
         end = _converge_loop(field, BS3, second, is_done, _BS3_TOLERANCE * step_rtol,
@@ -546,10 +548,9 @@ def _stiffness(tableau: Tableau, ks: Sequence[FlatState], y1: FlatState, h: Arra
     ``y_1 - Y_{s-1} = h \sum_j (b_j - a_{s-1,j}) k_j``, so the estimate is exact for a
     linear field along an eigenvector and at most the spectral radius otherwise. Train
     outputs only."""
-    b, a = tableau.a[-1], tableau.a[-2]
-    diff = h * sum(((bj - (a[j] if j < len(a) else 0.0)) * k.f
-                    for j, (bj, k) in enumerate(zip(b, ks, strict=False))),
-                   jnp.zeros_like(y1.f))
+    b, a = tableau.a[-1], tableau.a[-2] + (0.0,)
+    weights = [bj - aj for bj, aj in zip(b, a, strict=True)]
+    diff = _combine(jax.tree.map(jnp.zeros_like, y1), ks, weights, h).f
     dk = ks[-1].f - ks[-2].f
     tiny = jnp.finfo(y1.f.dtype).tiny
     return h * rms(dk) / jnp.maximum(rms(diff), tiny)
