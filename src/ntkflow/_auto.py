@@ -54,6 +54,12 @@ Three properties of a request decide (measured in ``benchmarks/RESULTS.md``):
   collapses, so its break-even :math:`S` is higher: about 5,000 at n = 256
   against 800 for log-cosh.)
 
+  The regression rule holds in float32 too, within the flat cost near the
+  break-even (``benchmarks/auto_breakeven.py``, log-cosh): there Dormand-Prince
+  and the Rosenbrock method break even near :math:`S` = 470 at n = 256 and 380
+  at n = 1024 (float64: 350 and 470), and the rule's pick took at most 1.2x the
+  faster method's time on either side of its threshold.
+
 ``auto`` picks, for plain gradient descent with an isotropic loss (MSE) at finite
 times whose horizon satisfies :math:`W = c_0 \lambda_\text{ub} \tau_\max \le 200`
 (:math:`\lambda_\text{ub} \ge \lambda_\max`, a bound from one pass over the
