@@ -57,8 +57,9 @@ Three properties of a request decide (measured in ``benchmarks/RESULTS.md``):
   The regression rule holds in float32 too, within the flat cost near the
   break-even (``benchmarks/auto_breakeven.py``, log-cosh): there Dormand-Prince
   and the Rosenbrock method break even near :math:`S` = 470 at n = 256 and 380
-  at n = 1024 (float64: 350 and 470), and the rule's pick took at most 1.2x the
-  faster method's time on either side of its threshold.
+  at n = 1024 (float64: 350 and 470). At the measured horizons the rule's pick
+  took at most 1.2x the faster method's time (interpolated, about 1.3x just
+  above the threshold at n = 256).
 
 ``auto`` picks, for plain gradient descent with an isotropic loss (MSE) at finite
 times whose horizon satisfies :math:`W = c_0 \lambda_\text{ub} \tau_\max \le 200`
