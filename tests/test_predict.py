@@ -86,6 +86,28 @@ def test_unsorted_and_repeated_times_equal_separate_calls(loss):
     np.testing.assert_allclose(train[3], f0, rtol=0, atol=1e-6)  # t = 0 is the identity
 
 
+@pytest.mark.parametrize("solver", ["auto", "tsit5", "expo", "rodas5p", "kvaerno5"])
+@pytest.mark.parametrize("loss", [mse, cross_entropy], ids=["mse", "ce"])
+def test_no_times_give_empty_outputs_as_the_closed_forms_do(loss, solver):
+    k_tt, k_st, y, f0, ft0 = _problem()
+    y = jax.nn.one_hot(jnp.arange(6) % 3, 3, dtype=DTYPE) if loss is cross_entropy else y
+    closed = nt.predict.gradient_descent_mse(k_tt, y)
+    for momentum in (None, 0.9):
+        predict = nt.predict.gradient_descent(loss, k_tt, y, 0.5, momentum, solver=solver)
+        for t in ([], np.zeros((2, 0)), jnp.zeros((0,), DTYPE)):
+            train, test = predict(t, f0, ft0, k_st)
+            ref_train, ref_test = closed(t, f0, ft0, k_st)
+            assert train.shape == ref_train.shape == np.shape(t) + y.shape
+            assert test.shape == ref_test.shape == np.shape(t) + ft0.shape
+            assert train.dtype == f0.dtype and test.dtype == ft0.dtype
+        jitted = jax.jit(lambda f: predict(jnp.zeros((0,), DTYPE), f))(f0)  # noqa: B023
+        assert jitted.shape == (0,) + y.shape
+        state = predict([], nt.predict.ODEState(f0, ft0), None, k_st)
+        assert state.fx_train.shape == (0,) + y.shape and state.fx_test.shape == (0,) + ft0.shape
+        if momentum is not None:
+            assert state.qx_train.shape == (0,) + y.shape
+
+
 @pytest.mark.parametrize("num_times", [3, 40])
 def test_mse_float32_test_outputs_on_an_ill_conditioned_kernel(num_times):
     """Float32 inputs, cond(K) = 1e4: ``gradient_descent_mse``'s test outputs against the

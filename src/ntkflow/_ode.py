@@ -89,7 +89,16 @@ def _solve_fn(
     at run time. ``readout``: if given, ``readout(dynamics, taus, states)`` is
     returned instead of the states, computed in the same compiled program (a
     pytree, e.g. an ``equinox.Module``, whose arrays are traced).
+
+    No times (``taus`` of size 0, as ``t=[]`` or ``t`` of shape ``(2, 0)``): no solve,
+    and states with a time axis of length 0, as the closed forms return.
     """
+    if taus.shape[0] == 0:
+        ys = jax.tree.map(lambda x: jnp.zeros((0, *x.shape), x.dtype), y0)
+        zero = jnp.zeros((), jnp.int32)
+        info = SolveInfo(ok=jnp.ones((), bool), tau=jnp.zeros((), taus.dtype),
+                         num_steps=zero, num_rhs=zero, code=zero)
+        return (ys if readout is None else readout(dynamics, taus, ys)), info
     order = jnp.argsort(taus)
     sorted_taus = taus[order]
     is_inf = jnp.isinf(sorted_taus)
