@@ -394,6 +394,23 @@ def test_own_tsit5_loop_reports_non_finite_values():
         predict(1e6, f0)
 
 
+@pytest.mark.parametrize("solver", ["auto", "tsit5", "rodas5p", "expo"])
+def test_end_of_training_without_a_minimum_is_an_error_not_a_number(solver):
+    """A loss linear in the outputs has no minimum: the outputs grow in proportion to the
+    time for ever. The end-of-training test once passed when their norm overflowed and
+    returned outputs of about 1e18 (float32) as the limit; now the solve goes on until the
+    outputs are no longer finite and says so. Finite times are unaffected."""
+    k_tt, _, y, f0, _ = _stiff_problem(cond=1e2)
+    linear = lambda fx, y_: -jnp.mean(fx * y_)
+    predict = nt.predict.gradient_descent(linear, k_tt, y, solver=solver)
+    with pytest.raises(RuntimeError, match="no minimum"):
+        predict(None, f0)
+    # Exact at finite times: the gradient is constant, F(t) = F(0) + t K Y / |Y|.
+    t = 50.0
+    expected = f0 + t * (k_tt @ y) / y.size
+    np.testing.assert_allclose(predict(t, f0), expected, rtol=TOL["rtol"], atol=TOL["atol"])
+
+
 @pytest.mark.parametrize("loss", [mse, log_cosh], ids=["mse", "logcosh"])
 def test_expo_with_momentum_matches_tight_explicit_solve(loss):
     k_tt, k_st, y, f0, ft0 = _stiff_problem(cond=1e2)

@@ -85,8 +85,9 @@ FAILURE_MESSAGES = {
     "`max_steps`, loosen `rtol`/`atol`, or use a stiff solver (solver='auto', 'expo' for "
     "MSE, 'rodas5p' for any loss).",
     2: "the solution became non-finite (NaN/inf). The kernel may not be positive "
-    "semi-definite, or the loss may overflow; check `k_train_train`, the loss and "
-    "the initial outputs.",
+    "semi-definite, the loss may overflow, or, for t = inf, the loss may have no minimum "
+    "(e.g. linear in the outputs), so that the outputs grow without bound; check "
+    "`k_train_train`, the loss and the initial outputs.",
     3: "the Chebyshev expansion would need a degree above its limit (the horizon is too "
     "stiff for it); use solver='expo' or 'tsit5'.",
 }
@@ -160,7 +161,9 @@ def converged(
       only the loss and probabilities are meaningful, not their scale.
 
     A floor of ``10 * eps * cond(K) * ||F||`` on the output tolerance accounts
-    for round-off. Norms are root-mean-square.
+    for round-off. Norms are root-mean-square. Outputs whose norm overflows have not
+    converged: they diverge (a loss without a minimum, e.g. linear in the outputs), and the
+    solve goes on until they are no longer finite, which it reports as an error.
     """
     pg, curvature = projected_gradient(dynamics, eigen, y.f)
     remaining = rms(pg) / curvature
@@ -176,7 +179,7 @@ def converged(
     outputs_done = remaining + coast <= tol
     saturated = curvature <= rtol**0.5 * curvature0
     loss_done = saturated & (0.5 * jnp.vdot(pg, pg) / curvature <= rtol * jnp.abs(loss0))
-    return outputs_done | (loss_done & (coast <= tol))
+    return (outputs_done | (loss_done & (coast <= tol))) & jnp.isfinite(tol)
 
 
 def end_of_training_test(
