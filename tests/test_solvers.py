@@ -394,6 +394,22 @@ def test_own_tsit5_loop_reports_non_finite_values():
         predict(1e6, f0)
 
 
+def test_a_loss_with_kinks_runs_out_of_steps_and_the_message_says_why():
+    """Hinge loss: once outputs reach the margin the gradient jumps and the trajectory
+    slides along the kink, where adaptive steps shrink without end. The failure names
+    kinks and the smooth alternative; the softplus version reaches the end of training."""
+    k_tt, _, y, f0, _ = _stiff_problem(cond=1e2)
+    signs = 2.0 * jax.nn.one_hot(jnp.arange(k_tt.shape[0]) % y.shape[1], y.shape[1],
+                                 dtype=DTYPE) - 1.0
+    hinge = lambda fx, y_: jnp.mean(jax.nn.relu(1.0 - fx * y_))
+    with pytest.raises(RuntimeError, match="kinks.*softplus"):
+        nt.predict.gradient_descent(hinge, k_tt, signs, max_steps=2000)(None, f0)
+    smooth = lambda fx, y_: jnp.mean(jax.nn.softplus(1.0 - fx * y_))
+    out = nt.predict.gradient_descent(smooth, k_tt, signs, max_steps=2000)(None, f0)
+    assert np.all(np.isfinite(np.asarray(out)))
+    assert float(smooth(out, signs)) < 1e-2 * float(smooth(f0, signs))
+
+
 @pytest.mark.parametrize("solver", ["auto", "tsit5", "rodas5p", "expo"])
 def test_end_of_training_without_a_minimum_is_an_error_not_a_number(solver):
     """A loss linear in the outputs has no minimum: the outputs grow in proportion to the

@@ -83,7 +83,9 @@ class SolveInfo(NamedTuple):
 FAILURE_MESSAGES = {
     1: "the solver reached `max_steps` before the last requested time. Increase "
     "`max_steps`, loosen `rtol`/`atol`, or use a stiff solver (solver='auto', 'expo' for "
-    "MSE, 'rodas5p' for any loss).",
+    "MSE, 'rodas5p' for any loss). A loss with kinks (hinge, ReLU, absolute value) makes "
+    "the steps shrink without end where the outputs reach a kink: use a smooth version "
+    "(softplus, Huber).",
     2: "the solution became non-finite (NaN/inf). The kernel may not be positive "
     "semi-definite, the loss may overflow, or, for t = inf, the loss may have no minimum "
     "(e.g. linear in the outputs), so that the outputs grow without bound; check "
