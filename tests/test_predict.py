@@ -340,6 +340,12 @@ def test_max_learning_rate():
     assert nt.predict.max_learning_rate(k, 18, 0.9) == pytest.approx(2 * 1.9 * 18 / lam, rel=1e-5)
     k4 = jnp.einsum("ij,ab->ijab", k, jnp.eye(2, dtype=DTYPE))
     assert nt.predict.max_learning_rate(k4) == pytest.approx(2 * 12 / lam, rel=1e-5)
+    # Under jax.jit (a traced kernel) a scalar array, the same number; a NaN kernel fails
+    # at run time instead of giving NaN.
+    jitted = jax.jit(nt.predict.max_learning_rate)
+    assert float(jitted(k)) == pytest.approx(2 * 6 / lam, rel=1e-5)
+    with pytest.raises(Exception, match="`ntk_train_train` must be finite"):
+        jax.block_until_ready(jitted(k.at[0, 1].set(jnp.nan)))
 
 
 def _mlp(params, x):

@@ -771,7 +771,7 @@ def max_learning_rate(
     eps: float = 1e-12,
     *,
     nesterov: bool = False,
-) -> float:
+) -> float | Array:
     r"""The maximal feasible learning rate for (full-batch) gradient descent on MSE.
 
     For the loss ``1 / (2 * y_train_size) * ||f - y||^2``, gradient descent is
@@ -792,7 +792,8 @@ def max_learning_rate(
       eps: added to the largest eigenvalue to avoid dividing by zero.
 
     Returns:
-      The maximal learning rate, a Python float.
+      The maximal learning rate, a Python float; a scalar array when the kernel is
+      traced (under ``jax.jit``, ``jax.grad``, ...), where a float cannot be computed.
 
     Example:
       >>> import jax.numpy as jnp
@@ -813,7 +814,7 @@ def max_learning_rate(
         raise ValueError(
             f"`ntk_train_train` must be square once flattened; got shape {tuple(k.shape)}."
         )
-    _checks.check_finite(k, "ntk_train_train")
+    k = _checks.check_finite(k, "ntk_train_train")  # (under jit: checked at run time)
     _checks.check_symmetric(k, "ntk_train_train", k_dtype)
     factor = _checks.check_y_train_size(y_train_size, k.shape[0])
     momentum = 0.0 if momentum is None else _checks.check_momentum(momentum)
@@ -821,4 +822,5 @@ def max_learning_rate(
     evals = jnp.linalg.eigvalsh(0.5 * (k + k.T))
     _checks.check_psd_eigenvalues(evals, "ntk_train_train", k_dtype)
     bound = 2 * (1 + momentum) / (1 + 2 * momentum) if nesterov else 2 * (1 + momentum)
-    return float(bound * factor / (evals[-1] + eps))
+    rate = bound * factor / (evals[-1] + eps)
+    return float(rate) if is_concrete(rate) else rate
