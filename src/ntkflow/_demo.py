@@ -359,9 +359,9 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] | None = print) -> D
         f"{tuple(k_test_train.shape)} in {timings['ntk']:.1f} s")
 
     # 2. Learning rate from the kernel's stability bound.
-    max_lr = ntkflow.predict.max_learning_rate(
+    max_lr = float(ntkflow.predict.max_learning_rate(
         k_train_train, y_train_size=y_train.size, momentum=cfg.momentum
-    )
+    ))
     lr = float(cfg.learning_rate) if cfg.learning_rate is not None else cfg.lr_fraction * max_lr
     bound = "MSE bound" + (", a conservative guide for cross-entropy" if cfg.loss ==
                            "cross_entropy" else "")
