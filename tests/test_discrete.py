@@ -548,6 +548,12 @@ def test_closed_form_warns_above_max_learning_rate(momentum, nesterov):
         gradient_descent_mse_discrete(k2d, y, 0.95 * lr_max, momentum, nesterov)
     with pytest.warns(RuntimeWarning, match="maximal stable learning rate"):
         fn = gradient_descent_mse_discrete(k2d, y, 1.05 * lr_max, momentum, nesterov)
+    # At the bound, as the kernel's float64 eigenvalue gives it (a rounding above or below
+    # the predictor's own): the fastest mode neither grows nor decays, and no warning.
+    at_bound = max_lr(k2d, y.size, momentum, nesterov)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradient_descent_mse_discrete(k2d, y, at_bound, momentum, nesterov)
     if momentum is None:  # exact, but growing, predictions
         out = fn(np.array([10, 200]), 1.0)
         assert float(jnp.abs(out[1]).max()) > 10 * float(jnp.abs(out[0]).max())

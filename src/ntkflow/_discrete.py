@@ -1061,10 +1061,12 @@ def gradient_descent_mse_discrete(
     if is_concrete(evals, learning_rate, momentum) and evals.size:
         h_max = float(learning_rate) * float(evals[-1]) / y.size
         limit = _stable_factor(momentum, bool(nesterov))
-        if h_max > limit:
+        # At the bound itself (e.g. a learning rate computed as max_learning_rate, which
+        # may exceed it by a rounding) the fastest mode neither grows nor decays.
+        if h_max > limit * (1 + 8 * float(jnp.finfo(evals.dtype).eps)):
             warnings.warn(
-                f"learning_rate={float(learning_rate):.6g} is above the maximal stable "
-                f"learning rate {limit * y.size / float(evals[-1]):.6g} of discrete gradient "
+                f"learning_rate={float(learning_rate):.8g} is above the maximal stable "
+                f"learning rate {limit * y.size / float(evals[-1]):.8g} of discrete gradient "
                 f"descent on MSE with this kernel (momentum={momentum}, nesterov={nesterov}): "
                 "the predicted outputs diverge geometrically with the step count. Use a "
                 "smaller learning_rate.",
