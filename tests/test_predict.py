@@ -108,6 +108,28 @@ def test_no_times_give_empty_outputs_as_the_closed_forms_do(loss, solver):
             assert state.qx_train.shape == (0,) + y.shape
 
 
+@pytest.mark.parametrize("half", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
+def test_half_precision_inputs_compute_in_float32(half):
+    """Half-precision kernels and targets (e.g. a kernel computed in bfloat16) are computed
+    with in float32: the same outputs as float32 arrays of the same values. (They crashed
+    in XLA's eigh/solves, or, for gradient_descent_mse, gave bfloat16 outputs.)"""
+    k_tt, k_st, y, f0, ft0 = _problem()
+    halves = [a.astype(half) for a in (k_tt, k_st, y)]
+    k32, kst32, y32 = (a.astype(jnp.float32) for a in halves)
+    t = np.array([1.0, np.inf])
+    for build in (lambda k, y_: nt.predict.gradient_descent(log_cosh, k, y_),
+                  lambda k, y_: nt.predict.gradient_descent_mse(k, y_)):
+        got = build(halves[0], halves[2])(t, 0.0, 0.0, halves[1])
+        want = build(k32, y32)(t, 0.0, 0.0, kst32)
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == jnp.float32  # float32 inputs keep float32 with x64 too
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    steps = nt.predict.gradient_descent_discrete(log_cosh, halves[0], halves[2])(3, 0.0)
+    assert steps.dtype != half
+    lr = nt.predict.max_learning_rate(halves[0])
+    assert lr == pytest.approx(nt.predict.max_learning_rate(k32), rel=1e-6)
+
+
 @pytest.mark.parametrize("num_times", [3, 40])
 def test_mse_float32_test_outputs_on_an_ill_conditioned_kernel(num_times):
     """Float32 inputs, cond(K) = 1e4: ``gradient_descent_mse``'s test outputs against the

@@ -89,6 +89,10 @@ SHARED_CONSTRUCTOR_CASES = [
     BAD(dict(learning_rate="fast"), TypeError, "`learning_rate`", id="lr-str"),
     BAD(dict(learning_rate=[0.1, 0.2]), TypeError, "`learning_rate`", id="lr-array"),
     BAD(dict(learning_rate=True), TypeError, "`learning_rate` must be", id="lr-bool"),
+    BAD(dict(k_train_train=K_TT.astype(jnp.complex64)), TypeError,
+        "`k_train_train` must be a real array", id="k-complex"),
+    BAD(dict(y_train=np.asarray(Y).astype(str)), TypeError, "`y_train` must be a real array",
+        id="y-strings"),
 ]
 
 
@@ -236,6 +240,10 @@ _PREDICT_CASES = [
         "`fx_test_0` must be finite", id="fx_test_0-nan"),
     BAD(dict(fx_test_0=jnp.zeros((N_TEST + 1, K), DTYPE), k_test_train=K_ST), ValueError,
         "`fx_test_0`", id="fx_test_0-vs-k_test_train"),
+    BAD(dict(fx_train_0=F0.astype(jnp.complex64)), TypeError,
+        "`fx_train_0` must be a real array", id="fx_train_0-complex"),
+    BAD(dict(fx_test_0=FT0, k_test_train=K_ST.astype(jnp.complex64)), TypeError,
+        "`k_test_train` must be a real array", id="k_test_train-complex"),
 ]
 
 
@@ -597,3 +605,25 @@ def test_momentum_state_checks_keep_their_order(predictors):
     state = ODEState(F0, FT0.at[0, 0].set(jnp.nan), jnp.full_like(F0, jnp.inf))
     with pytest.raises(ValueError, match="`qx_train` must be finite"):
         predictors["gd-momentum"](1.0, state, k_test_train=K_ST)
+
+
+def test_complex_inputs_are_rejected_by_every_predictor():
+    """Complex kernels, targets or outputs are not a training problem ntkflow solves: a
+    TypeError naming the argument, not a solver's type error deep inside (or, for the
+    closed forms, complex outputs)."""
+    loss = mse
+    complex_k = K_TT.astype(jnp.complex64)
+    for build in (lambda k, y: nt.predict.gradient_descent_discrete(loss, k, y),
+                  lambda k, y: nt.predict.gradient_descent_mse_discrete(k, y)):
+        with pytest.raises(TypeError, match="`k_train_train` must be a real array"):
+            build(complex_k, Y)
+        predict = build(K_TT, Y)
+        with pytest.raises(TypeError, match="`fx_train_0` must be a real array"):
+            predict(3, F0.astype(jnp.complex64))
+        with pytest.raises(TypeError, match="`k_test_train` must be a real array"):
+            predict(3, F0, FT0, K_ST.astype(jnp.complex64))
+    with pytest.raises(TypeError, match="`ntk_train_train` must be a real array"):
+        nt.predict.max_learning_rate(complex_k)
+    # Real dtypes of every kind still work: booleans, integers, bfloat16.
+    nt.predict.gradient_descent(loss, K_TT.astype(jnp.bfloat16), (Y > 0))(1.0, 0.0)
+    nt.predict.gradient_descent_mse(jnp.eye(N, dtype=jnp.int32), Y)(1.0, 0.0)

@@ -233,9 +233,23 @@ def check_times(t: Any, name: str = "t") -> Any:
     )
 
 
+def _real_dtype(dtype: Any) -> bool:
+    """Booleans, integers and floats (bfloat16 included), not complex numbers or others."""
+    try:
+        return any(jnp.issubdtype(dtype, kind) for kind in (jnp.bool_, jnp.integer, jnp.floating))
+    except TypeError:  # not a dtype JAX knows
+        return False
+
+
 def check_array(x: Any, name: str) -> Any:
-    """``x`` must be convertible to a numeric array (``TypeError`` naming ``name`` if not)."""
+    """``x`` must be convertible to a real numeric array: booleans, integers or floats
+    (``TypeError`` naming ``name`` if not: complex numbers, strings, objects)."""
     if hasattr(x, "shape") and hasattr(x, "dtype"):
+        if not _real_dtype(x.dtype):
+            raise TypeError(
+                f"`{name}` must be a real array (bool, integer or floating); got "
+                f"{describe(x)}."
+            )
         return x
     try:
         arr = np.asarray(x)

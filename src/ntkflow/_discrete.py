@@ -335,7 +335,8 @@ def _test_outputs(
 
 
 def _check_shape(x: Any, name: str, shape: tuple[int, ...]) -> None:
-    """``x`` (array or scalar) must broadcast to ``shape``."""
+    """``x`` (a real array or scalar) must broadcast to ``shape``."""
+    check_array(x, name)
     x_shape = tuple(np.shape(x))
     if not broadcasts_to(x_shape, shape):
         raise ValueError(
@@ -465,6 +466,7 @@ class _PredictorBase(eqx.Module):
             _check_shape(vx_train_0, "vx_train", y_shape)
         test_rows: tuple[int, ...] | None = None
         if fx_test_0 is not None:
+            check_array(k_test_train, "k_test_train")
             test_rows, _ = kernel_rows_shapes(
                 np.shape(k_test_train), "k_test_train", None, self.rows_shape, self.layout
             )
@@ -568,7 +570,7 @@ def _setup(
     rows_shape = layout.rows_shape(y_train.shape)
     kernel_rows_shapes(k_train_train.shape, "k_train_train", rows_shape, rows_shape, layout)
     dtype = float_dtype(k_train_train, y_train)
-    k_dtype = float_dtype(k_train_train)
+    k_dtype = float_dtype(k_train_train, compute=False)
     k2d = kernel_to_2d(k_train_train.astype(dtype))
     y = y_train.astype(dtype)
     # The returned (traced-checking) values are not used: these checks are eager-only.

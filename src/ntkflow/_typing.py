@@ -35,6 +35,11 @@ def is_concrete(*xs: Any) -> bool:
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(xs))
 
 
-def float_dtype(*xs: Any) -> np.dtype:
-    """The floating dtype JAX promotes ``xs`` to (at least the default float)."""
-    return np.dtype(jax.numpy.result_type(float, *[x for x in xs if x is not None]))
+def float_dtype(*xs: Any, compute: bool = True) -> np.dtype:
+    """The floating dtype JAX promotes ``xs`` to; for ``compute`` (the dtype a predictor
+    computes in) at least single precision: half precisions (bfloat16, float16) compute
+    in float32 (their ``eigh``, Cholesky factorization and solves do not exist, and their
+    3 significant digits could not carry a solve). ``compute=False``: the inputs' own
+    precision, which sets the tolerances of the checks on them."""
+    dtype = np.dtype(jax.numpy.result_type(float, *[x for x in xs if x is not None]))
+    return dtype if dtype.itemsize >= 4 or not compute else np.dtype(np.float32)

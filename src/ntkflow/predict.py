@@ -92,6 +92,8 @@ class _Boundary:
     """Shapes and conversions for one ``(k_train_train, y_train, trace_axes)``."""
 
     def __init__(self, k_train_train: ArrayLike, y_train: ArrayLike, trace_axes: Axes):
+        _checks.check_array(k_train_train, "k_train_train")
+        _checks.check_array(y_train, "y_train")
         if not hasattr(y_train, "shape"):
             y_train = np.asarray(y_train)
         if not hasattr(k_train_train, "shape"):
@@ -106,7 +108,7 @@ class _Boundary:
         )
         self.dtype = float_dtype(k_train_train, y_train)
         #: The kernel's own precision (sets the symmetry / PSD tolerances).
-        self.k_dtype = float_dtype(k_train_train)
+        self.k_dtype = float_dtype(k_train_train, compute=False)
         k = kernel_to_2d(jnp.asarray(k_train_train, self.dtype))
         self.k, self.y = _checks.check_kernel_and_targets(
             k, jnp.asarray(y_train, self.dtype), "k_train_train", "y_train", self.k_dtype
@@ -181,6 +183,8 @@ def _check_predict_inputs(fx_train_or_state_0: Any, fx_test_0: Any, k_test_train
             "To get predictions on the test set, pass `k_test_train` (the test-train kernel); "
             f"got `fx_test_0` ({_checks.describe(fx_test_0)}) but `k_test_train=None`."
         )
+    if fx_test_0 is not None:
+        _checks.check_array(k_test_train, "k_test_train")
 
 
 _PSD_HINT = (
@@ -802,8 +806,8 @@ def max_learning_rate(
       2.0
     """
     k = jnp.asarray(_checks.check_array(ntk_train_train, "ntk_train_train"))
-    k_dtype = float_dtype(k)
-    k = k.astype(k_dtype)
+    k_dtype = float_dtype(k, compute=False)  # the kernel's own precision: the tolerances
+    k = k.astype(float_dtype(k))
     if k.ndim % 2 or k.ndim == 0:
         raise ValueError(
             "`ntk_train_train` must have an even number of (interleaved) dimensions; got "
