@@ -442,6 +442,19 @@ def test_expo_with_momentum_matches_tight_explicit_solve(loss):
         assert rel_err(a, b) < (1e-6 if X64 else 5e-3)
 
 
+def test_expo_with_momentum_is_exact_at_very_long_finite_horizons():
+    """MSE with momentum: the exponential integrator's steps are exact, so they grow
+    geometrically, and ``h phi_1(hA)`` from the augmented ``expm`` carried an error of
+    about ``h eps``: at t = 1e15 the outputs were 9e-3 off the limit, at 1e20 by 1.2
+    (float64), silently. Past the relaxation time every horizon gives the limit."""
+    k_tt, k_st, y, f0, ft0 = _stiff_problem(cond=1e2)
+    limit = nt.predict.gradient_descent_mse(k_tt, y)(None, f0, ft0, k_st)
+    predict = nt.predict.gradient_descent(mse, k_tt, y, 1.0, 0.9, solver="expo")
+    for t in (1e6, 1e10, 1e15, 1e20):
+        for a, b in zip(predict(t, f0, ft0, k_st), limit, strict=True):
+            assert rel_err(a, b) < (1e-10 if X64 else 1e-4), t
+
+
 @pytest.mark.parametrize("momentum", [0.9, 0.5, 0.2])
 def test_expo_with_momentum_reaches_the_end_of_training(momentum):
     """With strong damping the steps grow long and the 2x2 matrix functions' arguments
