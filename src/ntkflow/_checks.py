@@ -255,7 +255,7 @@ def check_array(x: Any, name: str) -> Any:
         arr = np.asarray(x)
     except (TypeError, ValueError):
         arr = None
-    if arr is None or arr.dtype.kind not in "biuf":
+    if arr is None or not _real_dtype(arr.dtype):
         raise TypeError(f"`{name}` must be an array or a scalar; got {describe(x)}.")
     return x  # unchanged: Python scalars stay weakly typed
 
