@@ -51,6 +51,7 @@ from ntkflow._eigen import Eigen, transposed_layout
 from ntkflow._solvers import (
     SOLVERS,
     DiffraxSolver,
+    EndMemo,
     SolveInfo,
     end_of_training_test,
     explicit_end_tolerances,
@@ -473,12 +474,13 @@ def converge(dyn: Dynamics, y0: FlatState, tau0: Array, eigen: Eigen, *, rtol: f
     noise_bs3 = _roundoff(dyn, y0, BS3) if switch else None
     field, orient = _field(dyn, y0)
     y0, lo0 = orient((y0, lo0))
-    is_done = lambda y: test(orient(y))  # noqa: E731
+    is_done = lambda y, memo: test.step(orient(y), memo)  # noqa: E731
     k0 = field(tau0, y0)
     step_rtol, step_atol = explicit_end_tolerances(dyn, rtol, atol)
     h0 = _initial_h(field, y0, k0, step_rtol, step_atol, tableau.exponent)
-    start = _Loop(tau0, y0, lo0, k0, h0, jnp.zeros((), jnp.int32), is_done(y0),
-                  jnp.ones((), bool), jnp.zeros((), bool), jnp.zeros((), jnp.int32))
+    done0, memo0 = is_done(y0, test.memo0)
+    start = _Loop(tau0, y0, lo0, k0, h0, jnp.zeros((), jnp.int32), done0,
+                  jnp.ones((), bool), jnp.zeros((), bool), jnp.zeros((), jnp.int32), memo0)
     first = _converge_loop(field, tableau, start, is_done, step_rtol, step_atol,
                            noise, max_steps, switch)
     rhs = len(tableau.a) * first.n + 2
@@ -511,10 +513,12 @@ class _Loop(NamedTuple):
     ok: Array
     stiff: Array  # the steps are capped by stability: stop, for BS3 to go on
     at_limit: Array  # consecutive accepted steps at the stability limit
+    memo: EndMemo  # the end-of-training test's
 
 
 def _converge_loop(field: _Field, tableau: Tableau, start: _Loop,
-                   is_done: Callable[[FlatState], Array], rtol: float, atol: float,
+                   is_done: Callable[[FlatState, EndMemo], tuple[Array, EndMemo]],
+                   rtol: float, atol: float,
                    noise: FlatState, max_steps: int, detect: bool) -> _Loop:
     """Steps of ``tableau`` from ``start`` until done, ``max_steps``, non-finite values
     or, if ``detect``, stiffness (:func:`_stiffness`)."""
@@ -526,7 +530,8 @@ def _converge_loop(field: _Field, tableau: Tableau, start: _Loop,
         accept = err <= 1.0
         y = _select(accept, y1, c.y)
         lo = _select(accept, lo1, c.lo)
-        done = jax.lax.cond(accept, lambda: is_done(y), lambda: jnp.zeros((), bool))
+        done, memo = jax.lax.cond(accept, lambda: is_done(y, c.memo),
+                                  lambda: (jnp.zeros((), bool), c.memo))
         at_limit, stiff = c.at_limit, c.stiff
         if detect:
             assert tableau.stability is not None
@@ -535,7 +540,7 @@ def _converge_loop(field: _Field, tableau: Tableau, start: _Loop,
             stiff = at_limit >= _STIFF_STEPS
         return _Loop(jnp.where(accept, c.tau + c.h, c.tau), y, lo,
                      _select(accept, ks[-1], c.k), _next_h(c.h, err, accept, tableau.exponent),
-                     c.n + 1, done, c.ok & jnp.isfinite(err), stiff, at_limit)
+                     c.n + 1, done, c.ok & jnp.isfinite(err), stiff, at_limit, memo)
 
     return jax.lax.while_loop(cond, body, start)
 
