@@ -515,6 +515,15 @@ def test_auto_choice_is_explicit():
     classification = Dynamics(k_tt, flat(cross_entropy), labels, None, False)
     for t in (1e6, jnp.inf):
         assert isinstance(choose_solver(classification, y0, jnp.array([t]), lam), explicit)
+    # ... unless, in float64 to t = inf, the kernel's condition number (from the
+    # eigendecomposition the predictor then computes first) exceeds 4e3: this one's is 1e4.
+    with_eigen = Dynamics(k_tt, flat(cross_entropy), labels, None, False, Eigen.of(k_tt))
+    assert isinstance(choose_solver(with_eigen, y0, jnp.array([jnp.inf]), lam),
+                      Rodas5P if X64 else explicit)
+    assert isinstance(choose_solver(with_eigen, y0, jnp.array([1e6]), lam), explicit)
+    k_mild, *_ = _stiff_problem(cond=1e3)
+    mild = Dynamics(k_mild, flat(cross_entropy), labels, None, False, Eigen.of(k_mild))
+    assert isinstance(choose_solver(mild, y0, jnp.array([jnp.inf]), lam), explicit)
     # With momentum the damping keeps a classification loss stiff: Rosenbrock when stiff.
     damped = Dynamics(k_tt, flat(cross_entropy), labels, jnp.asarray(-0.1, DTYPE), False)
     for t in (1e6, jnp.inf):
@@ -523,6 +532,28 @@ def test_auto_choice_is_explicit():
     with_momentum = Dynamics(k_tt, dyn.loss, y, jnp.asarray(-0.1, DTYPE), False)
     assert isinstance(choose_solver(with_momentum, y0, jnp.array([1e-3]), lam), short)
     assert isinstance(choose_solver(with_momentum, y0, jnp.array([1e6]), lam), Expo)
+
+
+@pytest.mark.skipif(not X64, reason="auto's rule for float64 (float32 stays explicit)")
+def test_auto_ends_ill_conditioned_classification_with_the_rosenbrock_method():
+    """Cross-entropy to ``t = inf`` on a kernel of condition number 1e6 (float64): the
+    explicit method's last stretch is capped by stability, about as long as the condition
+    number, and ran out of 20,000 steps; ``auto`` takes the Rosenbrock method there (the
+    kernel's condition number above 4e3), which reaches the end of training: a loss below
+    1e-7 (the loss test's target is ``rtol |L(0)|`` = 1.5e-8), every point classified."""
+    n, cond = 96, 1e6
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    k = (q * (np.logspace(0, -np.log10(cond), n) * n)) @ q.T
+    y = np.eye(3)[np.arange(n) % 3]
+    f0 = 0.1 * rng.normal(size=(n, 3))
+    with pytest.raises(RuntimeError, match="max_steps"):
+        nt.predict.gradient_descent(cross_entropy, k, y, solver="tsit5", max_steps=20_000)(
+            None, f0)
+    got = nt.predict.gradient_descent(cross_entropy, k, y, max_steps=20_000)(None, f0)
+    loss = float(cross_entropy(got, y))
+    assert loss < 1e-7  # rtol = 1.4e-8 of the initial loss (1.1) is the loss test's target
+    assert np.all(np.argmax(np.asarray(got), -1) == np.arange(n) % 3)
 
 
 def _singular_problem(n=20, rank=12, k=3, n_test=4):

@@ -18,14 +18,26 @@ Three properties of a request decide (measured in ``benchmarks/RESULTS.md``):
   For classification losses (cross-entropy) the minimizer is at infinity: the
   softmax saturates, the curvature collapses and the problem loses its
   stiffness, so an explicit method does well and the Rosenbrock method's
-  linear solves become ill-conditioned (measured, n = 256, converged horizon:
-  0.39 s against Tsit5's 0.20 s in float64; ``t = inf`` in float32: 11 s against
-  1.4 s). Not so with
+  linear solves become ill-conditioned (measured, n = 256, condition number 1e4,
+  converged horizon: 0.35 s against Tsit5's 0.25 s in float64; ``t = inf`` in
+  float32: 0.68 s against Dormand-Prince's 0.39 s). Not so with
   momentum: the damping rate :math:`|d|` then stays while the outputs drift ever
   more slowly, a stiff pair for an explicit method (cross-entropy, n = 256,
   momentum 0.9, converged horizon: Tsit5 62,916 steps, 17.6 s; the Rosenbrock
   method 227 steps, 0.5 s), so with momentum every non-isotropic loss gets the
-  Rosenbrock method when stiff.
+  Rosenbrock method when stiff. Nor to ``t = inf`` on an ill-conditioned kernel in
+  double precision: the explicit method's last stretch, at its stability limit, takes
+  a number of steps that grows with the condition number :math:`\kappa` of the kernel's
+  non-null modes, while the Rosenbrock method's steps grow with the time scales passed
+  (measured, float64, cross-entropy, 10 classes, power-law spectra, ``t = inf``,
+  explicit / Rosenbrock: n = 256 at :math:`\kappa` = 1e2 0.043 / 0.223 s, 2e3 0.215 /
+  0.330 s, 5e3 0.341 / 0.354 s, 1e4 0.58 / 0.38 s, 1e5 3.8 / 0.51 s, 1e6 and 1e8 out of
+  100,000 steps / 0.56 and 3.7 s; n = 1024 at 2e3 2.82 / 3.22 s, 5e3 4.62 / 3.65 s, 1e4
+  7.42 / 3.85 s; the same loss reached, 5e-9 - 7e-9). So there ``auto`` takes the
+  Rosenbrock method above :math:`\kappa` = 4e3 (``_CLASSIFICATION_END_COND``), from
+  the eigendecomposition that the end-of-training test needs with either method. In
+  float32 the explicit method stays (n = 256 / 512 / 1024 at :math:`\kappa` = 1e4:
+  0.39 / 1.55 / 6.4 s against 0.68 / 1.85 / 7.5 s).
 * **Is the request stiff?** Let :math:`S = c_0\,\lambda_\max\,\tau_\max`
   be the number of the fastest time scales of gradient flow within the
   horizon :math:`\tau_\max` (``learning_rate * max(t)``; with momentum
@@ -68,7 +80,8 @@ kernel), the Chebyshev expansion of the exact solution (:mod:`ntkflow._chebyshev
 about 20 kernel products at :math:`S = 10`, where Tsit5 needs 80-130). Otherwise,
 when the request is stiff or ``t`` contains ``inf``:
 ``"expo"`` for isotropic losses, ``"rodas5p"`` for regression losses (and, with
-momentum, for every other loss); and
+momentum, for every other loss; and for classification losses to ``t = inf`` in double
+precision on kernels of condition number above 4e3); and
 an explicit 5(4) method, with the test outputs kept out of the ODE state,
 otherwise: for classification losses, short horizons, and when ``t`` or the
 initial outputs are traced (under ``jax.jit``, ``jax.grad``, ``jax.vmap``: the
@@ -118,6 +131,8 @@ __all__ = [
     "choose_solver",
     "explicit_solver",
     "classify",
+    "condition_number",
+    "end_spectrum_decides",
     "isotropic_curvature",
     "isotropic_quadratic",
     "largest_eigenvalue",
@@ -133,6 +148,28 @@ _STIFF = {
     "rodas5p, momentum": (0.8, 600.0),
     "rodas5p, classification, momentum": (0.55, 3000.0),
 }
+
+
+#: Float64, plain gradient descent, classification losses to ``t = inf``: the Rosenbrock
+#: method above this condition number of the kernel (over its non-null modes), the explicit
+#: method at or below it (module docstring).
+_CLASSIFICATION_END_COND = 4e3
+
+
+def end_spectrum_decides(dynamics: Dynamics, facts: Any, dtype: Any) -> bool:
+    """Whether ``auto``'s choice for this request depends on the kernel's condition number
+    (then the predictor computes the eigendecomposition first, which the end-of-training
+    test needs with either method): a classification loss (neither isotropic nor
+    minimized by the targets) to ``t = inf``, without momentum, in double precision."""
+    isotropic, minimize, infinite, _, _ = facts
+    return (bool(infinite) and not isotropic and not minimize and not dynamics.momentum
+            and not compensate(dtype))
+
+
+@jax.jit
+def condition_number(eigen: Any) -> Array:
+    """``max(lambda) / min(lambda)`` over the kernel's non-null modes."""
+    return jnp.max(eigen.evals) / eigen.smallest_nonnull()
 
 
 @functools.partial(jax.jit, static_argnames="iterations")
@@ -287,6 +324,9 @@ def choose_solver(
     elif dynamics.momentum:
         stiff_solver, (a, b) = Rodas5P(), _STIFF["rodas5p, classification, momentum"]
     else:
+        if end_spectrum_decides(dynamics, facts, y0.f.dtype) and dynamics.eigen is not None:
+            if float(condition_number(dynamics.eigen)) > _CLASSIFICATION_END_COND:
+                return Rodas5P()
         return explicit_solver(y0.f.dtype, s, taus)
     if infinite or s > a * dynamics.k.shape[0] + b:
         return stiff_solver

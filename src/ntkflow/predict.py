@@ -28,7 +28,13 @@ from jaxtyping import Array, ArrayLike
 
 # _expo and _rosenbrock register the solvers 'expo' and 'rodas5p' in SOLVERS.
 from ntkflow import _checks, _explicit, _expo, _rosenbrock  # noqa: F401
-from ntkflow._auto import AUTO, choose_solver, classify, largest_eigenvalue
+from ntkflow._auto import (
+    AUTO,
+    choose_solver,
+    classify,
+    end_spectrum_decides,
+    largest_eigenvalue,
+)
 from ntkflow._axes import (
     Layout,
     kernel_rows_shapes,
@@ -733,8 +739,13 @@ def gradient_descent(
         chosen = solver_obj
         if isinstance(chosen, str):
             assert lam_max is not None
+            if facts is None and is_concrete(tau, y0.f, lam_max):
+                facts = jax.device_get(classify(dyn, y0, tau, lam_max))
+            if facts is not None and end_spectrum_decides(dyn, facts, f0.dtype):
+                # (the end-of-training solve needs it with either method)
+                dyn = Dynamics(dyn.k, flat_loss, b.y, damping, with_test, Eigen.of(dyn.k))
             chosen = choose_solver(dyn, y0, tau, lam_max, facts)
-            if chosen.eigenbasis:
+            if chosen.eigenbasis and dyn.eigen is None:
                 eigen_now = Eigen.of(dyn.k)
                 dyn = Dynamics(dyn.k, flat_loss, b.y, damping, with_test, eigen_now)
         if prepared is not None:  # nothing to differentiate: the fastest variant
