@@ -516,11 +516,15 @@ def test_auto_choice_is_explicit():
     for t in (1e6, jnp.inf):
         assert isinstance(choose_solver(classification, y0, jnp.array([t]), lam), explicit)
     # ... unless, in float64 to t = inf, the kernel's condition number (from the
-    # eigendecomposition the predictor then computes first) exceeds 4e3: this one's is 1e4.
-    with_eigen = Dynamics(k_tt, flat(cross_entropy), labels, None, False, Eigen.of(k_tt))
-    assert isinstance(choose_solver(with_eigen, y0, jnp.array([jnp.inf]), lam),
-                      Rodas5P if X64 else explicit)
-    assert isinstance(choose_solver(with_eigen, y0, jnp.array([1e6]), lam), explicit)
+    # eigendecomposition the predictor then computes first) exceeds 4e3 plus 60 per finite
+    # output time: this one's is 3.4e4, so up to 497 finite times.
+    k_ill, *_ = _stiff_problem(cond=1e5)
+    with_eigen = Dynamics(k_ill, flat(cross_entropy), labels, None, False, Eigen.of(k_ill))
+    for times, stiff in ((jnp.array([jnp.inf]), True), (jnp.array([1.0, 3.0, jnp.inf]), True),
+                         (jnp.append(jnp.linspace(1.0, 500.0, 500), jnp.inf), False),
+                         (jnp.array([1e6]), False)):
+        chosen = choose_solver(with_eigen, y0, times, lam)
+        assert isinstance(chosen, Rodas5P if stiff and X64 else explicit), times.shape
     k_mild, *_ = _stiff_problem(cond=1e3)
     mild = Dynamics(k_mild, flat(cross_entropy), labels, None, False, Eigen.of(k_mild))
     assert isinstance(choose_solver(mild, y0, jnp.array([jnp.inf]), lam), explicit)

@@ -33,9 +33,14 @@ Three properties of a request decide (measured in ``benchmarks/RESULTS.md``):
   explicit / Rosenbrock: n = 256 at :math:`\kappa` = 1e2 0.043 / 0.223 s, 2e3 0.215 /
   0.330 s, 5e3 0.341 / 0.354 s, 1e4 0.58 / 0.38 s, 1e5 3.8 / 0.51 s, 1e6 and 1e8 out of
   100,000 steps / 0.56 and 3.7 s; n = 1024 at 2e3 2.82 / 3.22 s, 5e3 4.62 / 3.65 s, 1e4
-  7.42 / 3.85 s; the same loss reached, 5e-9 - 7e-9). So there ``auto`` takes the
-  Rosenbrock method above :math:`\kappa` = 4e3 (``_CLASSIFICATION_END_COND``), from
-  the eigendecomposition that the end-of-training test needs with either method. In
+  7.42 / 3.85 s; the same loss reached, 5e-9 - 7e-9). The Rosenbrock method has no
+  dense output, so each finite output time requested with ``inf`` costs it about a
+  step, some 30 of the explicit method's (n = 256, :math:`\kappa` = 1e4, ``inf`` and
+  30 / 100 / 300 times between 0.1 and 1e5: 0.58 / 0.59 / 0.59 s explicit against
+  0.57 / 0.60 / 0.79 s). So there ``auto`` takes the Rosenbrock method above
+  :math:`\kappa = 4000 + 60 m`, with :math:`m` finite output times
+  (``_CLASSIFICATION_END_COND``), from the eigendecomposition that the end-of-training
+  test needs with either method. In
   float32 the explicit method stays (n = 256 / 512 / 1024 at :math:`\kappa` = 1e4:
   0.39 / 1.55 / 6.4 s against 0.68 / 1.85 / 7.5 s).
 * **Is the request stiff?** Let :math:`S = c_0\,\lambda_\max\,\tau_\max`
@@ -81,7 +86,7 @@ about 20 kernel products at :math:`S = 10`, where Tsit5 needs 80-130). Otherwise
 when the request is stiff or ``t`` contains ``inf``:
 ``"expo"`` for isotropic losses, ``"rodas5p"`` for regression losses (and, with
 momentum, for every other loss; and for classification losses to ``t = inf`` in double
-precision on kernels of condition number above 4e3); and
+precision on kernels of condition number above 4e3, plus 60 per finite output time); and
 an explicit 5(4) method, with the test outputs kept out of the ODE state,
 otherwise: for classification losses, short horizons, and when ``t`` or the
 initial outputs are traced (under ``jax.jit``, ``jax.grad``, ``jax.vmap``: the
@@ -151,9 +156,11 @@ _STIFF = {
 
 
 #: Float64, plain gradient descent, classification losses to ``t = inf``: the Rosenbrock
-#: method above this condition number of the kernel (over its non-null modes), the explicit
-#: method at or below it (module docstring).
+#: method above this condition number of the kernel (over its non-null modes) plus
+#: ``_CLASSIFICATION_END_PER_OUTPUT`` per finite output time, the explicit method at or
+#: below it (module docstring).
 _CLASSIFICATION_END_COND = 4e3
+_CLASSIFICATION_END_PER_OUTPUT = 60.0
 
 
 def end_spectrum_decides(dynamics: Dynamics, facts: Any, dtype: Any) -> bool:
@@ -325,7 +332,10 @@ def choose_solver(
         stiff_solver, (a, b) = Rodas5P(), _STIFF["rodas5p, classification, momentum"]
     else:
         if end_spectrum_decides(dynamics, facts, y0.f.dtype) and dynamics.eigen is not None:
-            if float(condition_number(dynamics.eigen)) > _CLASSIFICATION_END_COND:
+            times = np.asarray(taus)
+            outputs = np.unique(times[np.isfinite(times) & (times > 0)]).size
+            threshold = _CLASSIFICATION_END_COND + _CLASSIFICATION_END_PER_OUTPUT * outputs
+            if float(condition_number(dynamics.eigen)) > threshold:
                 return Rodas5P()
         return explicit_solver(y0.f.dtype, s, taus)
     if infinite or s > a * dynamics.k.shape[0] + b:
