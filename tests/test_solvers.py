@@ -685,6 +685,16 @@ def test_rodas5p_stages_in_a_loop_or_unrolled_give_the_same_solve(momentum):
         assert rel_err(x, z) < (1e-10 if X64 else 1e-4)
 
 
+def _pseudo_inverse_limit(k_tt, k_st, y, f0, ft0, dtype=np.float32):
+    """The end point of MSE gradient flow (from rest) in float64 NumPy on the given inputs,
+    null modes as ntkflow's in ``dtype`` (``lam <= n eps max(lam)``): ``(train, test)``."""
+    k64, kst64, y64, f064, ft064 = (np.asarray(a, np.float64) for a in (k_tt, k_st, y, f0, ft0))
+    lam, v = np.linalg.eigh(k64)
+    keep = lam > k64.shape[0] * np.finfo(dtype).eps * lam.max()
+    vr, coef = v[:, keep], v[:, keep].T @ (y64 - f064)
+    return f064 + vr @ coef, ft064 + kst64 @ vr @ (coef / lam[keep][:, None])
+
+
 @pytest.mark.parametrize("momentum", [None, 0.9], ids=["gd", "momentum"])
 @pytest.mark.parametrize("solver", ["expo", "rodas5p", "tsit5"])
 def test_end_of_training_on_a_singular_kernel_is_the_pseudo_inverse_limit(solver, momentum):
@@ -694,12 +704,7 @@ def test_end_of_training_on_a_singular_kernel_is_the_pseudo_inverse_limit(solver
     (MSE, from zero velocity: the same limit with and without momentum). Reference: that
     limit in float64 NumPy, null modes as ntkflow's (``lam <= n eps max(lam)``)."""
     k_tt, k_st, y, f0, ft0 = _singular_problem()
-    k64, kst64, y64, f064, ft064 = (np.asarray(a, np.float64) for a in (k_tt, k_st, y, f0, ft0))
-    lam, v = np.linalg.eigh(k64)
-    keep = lam > k64.shape[0] * np.finfo(np.dtype(DTYPE)).eps * lam.max()
-    vr, lr_ = v[:, keep], lam[keep]
-    limit = (f064 + vr @ (vr.T @ (y64 - f064)),
-             ft064 + kst64 @ vr @ ((vr.T @ (y64 - f064)) / lr_[:, None]))
+    limit = _pseudo_inverse_limit(k_tt, k_st, y, f0, ft0, np.dtype(DTYPE))
     lr = 0.5 if momentum else 1.0
     predict = nt.predict.gradient_descent(mse, k_tt, y, lr, momentum, solver=solver,
                                           max_steps=100_000)
@@ -708,16 +713,6 @@ def test_end_of_training_on_a_singular_kernel_is_the_pseudo_inverse_limit(solver
         # float32: the convergence test's loose round-off floor, 10 eps cond(K) (1.7e-2 measured;
         # without the projection the test outputs were off by 26-69x in float64 too).
         assert rel_err(a, b) < (1e-6 if X64 else 3e-2)
-
-
-def _float32_limit(k_tt, k_st, y, f0, ft0):
-    """The end point of MSE gradient flow (from rest) in float64 NumPy on the given float32
-    inputs, null modes as ntkflow's (``lam <= n eps32 max(lam)``): ``(train, test)``."""
-    k64, kst64, y64, f064, ft064 = (np.asarray(a, np.float64) for a in (k_tt, k_st, y, f0, ft0))
-    lam, v = np.linalg.eigh(k64)
-    keep = lam > k64.shape[0] * np.finfo(np.float32).eps * lam.max()
-    vr, coef = v[:, keep], v[:, keep].T @ (y64 - f064)
-    return f064 + vr @ coef, ft064 + kst64 @ vr @ (coef / lam[keep][:, None])
 
 
 @pytest.mark.parametrize(("solver", "loss", "momentum"), [
@@ -731,7 +726,7 @@ def test_float32_end_of_training_of_the_eigenbasis_methods(solver, loss, momentu
     left them (measured 3.0e-4 - 1.6e-2 off; now 1.4e-6 - 3.9e-5). The limit of
     log-cosh (minimizer ``f = y``) and with momentum (from rest) is MSE's."""
     k_tt, k_st, y, f0, ft0, _ = float32_power_law_problem(128, 32, 4, seed=0)
-    limit = _float32_limit(k_tt, k_st, y, f0, ft0)
+    limit = _pseudo_inverse_limit(k_tt, k_st, y, f0, ft0)
     predict = nt.predict.gradient_descent(loss, k_tt, y, momentum=momentum, solver=solver)
     got = predict(None, f0, ft0, k_st)
     for a, b in zip(got, limit, strict=True):
@@ -755,7 +750,7 @@ def test_float32_end_of_training_with_mostly_null_modes(solver):
     k_tt, k_st, y, f0, ft0 = (np.asarray(a, np.float32) for a in (
         (q * lam) @ q.T, (w * lam) @ q.T, np.eye(k)[np.arange(n) % k],
         0.1 * rng.normal(size=(n, k)), 0.1 * rng.normal(size=(n_test, k))))
-    limit = _float32_limit(k_tt, k_st, y, f0, ft0)
+    limit = _pseudo_inverse_limit(k_tt, k_st, y, f0, ft0)
     got = nt.predict.gradient_descent(mse, k_tt, y, solver=solver)(None, f0, ft0, k_st)
     for a, b in zip(got, limit, strict=True):
         assert np.max(np.abs(np.asarray(a, np.float64) - b)) < 5e-4
@@ -768,7 +763,7 @@ def test_float32_end_of_training_stops_where_round_off_stalls_it():
     ``STALL_STEPS`` accepted steps below the loose floor ``10 eps cond(K) ||F||`` (without
     the stall test it ran into ``max_steps = 20000``), at the loose floor's accuracy."""
     k_tt, k_st, y, f0, ft0, _ = float32_power_law_problem(64, 16, 4, seed=0)
-    limit = _float32_limit(k_tt, k_st, y, f0, ft0)
+    limit = _pseudo_inverse_limit(k_tt, k_st, y, f0, ft0)
     predict = nt.predict.gradient_descent(mse, k_tt, y, solver="tsit5", max_steps=20_000)
     got = predict(None, f0, ft0, k_st)
     loose = 10 * np.finfo(np.float32).eps * 1e4

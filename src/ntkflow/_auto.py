@@ -136,7 +136,6 @@ __all__ = [
     "choose_solver",
     "explicit_solver",
     "classify",
-    "condition_number",
     "end_spectrum_decides",
     "isotropic_curvature",
     "isotropic_quadratic",
@@ -171,12 +170,6 @@ def end_spectrum_decides(dynamics: Dynamics, facts: Any, dtype: Any) -> bool:
     isotropic, minimize, infinite, _, _ = facts
     return (bool(infinite) and not isotropic and not minimize and not dynamics.momentum
             and not compensate(dtype))
-
-
-@jax.jit
-def condition_number(eigen: Any) -> Array:
-    """``max(lambda) / min(lambda)`` over the kernel's non-null modes."""
-    return jnp.max(eigen.evals) / eigen.smallest_nonnull()
 
 
 @functools.partial(jax.jit, static_argnames="iterations")
@@ -335,7 +328,7 @@ def choose_solver(
             times = np.asarray(taus)
             outputs = np.unique(times[np.isfinite(times) & (times > 0)]).size
             threshold = _CLASSIFICATION_END_COND + _CLASSIFICATION_END_PER_OUTPUT * outputs
-            if float(condition_number(dynamics.eigen)) > threshold:
+            if float(dynamics.eigen.condition_number()) > threshold:
                 return Rodas5P()
         return explicit_solver(y0.f.dtype, s, taus)
     if infinite or s > a * dynamics.k.shape[0] + b:

@@ -199,6 +199,10 @@ class Eigen(eqx.Module):
         """The smallest eigenvalue not treated as zero (``inf`` if every one is)."""
         return jnp.min(jnp.where(self.null, jnp.inf, self.evals))
 
+    def condition_number(self) -> Float[Array, ""]:
+        """``max(lambda) / min(lambda)`` over the non-null modes."""
+        return jnp.max(self.evals) / self.smallest_nonnull()
+
     def to_eigenbasis(self, x: Float[Array, "n ..."]) -> Float[Array, "n ..."]:
         """``V^T x``."""
         if x.ndim == 2:

@@ -227,7 +227,7 @@ def converged(
                    jnp.where(halved, 0, memo.since + 1).astype(jnp.int32))
     stalled = memo.since >= STALL_STEPS
     eps = jnp.finfo(y.f.dtype).eps
-    cond = jnp.minimum(jnp.max(eigen.evals) / eigen.smallest_nonnull(), 1 / eps)
+    cond = jnp.minimum(eigen.condition_number(), 1 / eps)
     floor = 10 * eps * jnp.where(stalled, cond, jnp.sqrt(cond)) * rms(y.f)
     tol = jnp.maximum(atol + rtol * rms(y.f), floor)
     outputs_done = change <= tol
