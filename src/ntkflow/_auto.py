@@ -293,11 +293,15 @@ def explicit_solver(dtype: Any, s: Any = None, taus: Any = None) -> AbstractSolv
         return Dopri5()
     if s is None or taus is None:
         return Tsit5()
-    times = np.asarray(taus)
-    if np.any(np.isinf(times)) or not float(s) <= _DOPRI8_MAX_STIFFNESS:
+    if np.any(np.isinf(np.asarray(taus))) or not float(s) <= _DOPRI8_MAX_STIFFNESS:
         return Tsit5()
-    outputs = np.unique(times[times > 0]).size
-    return Dopri8() if outputs <= max(2.0, math.sqrt(float(s))) else Tsit5()
+    return Dopri8() if _finite_outputs(taus) <= max(2.0, math.sqrt(float(s))) else Tsit5()
+
+
+def _finite_outputs(taus: Any) -> int:
+    """The number of distinct finite output times after the start (concrete ``taus``)."""
+    times = np.asarray(taus)
+    return int(np.unique(times[np.isfinite(times) & (times > 0)]).size)
 
 
 def choose_solver(
@@ -325,9 +329,8 @@ def choose_solver(
         stiff_solver, (a, b) = Rodas5P(), _STIFF["rodas5p, classification, momentum"]
     else:
         if end_spectrum_decides(dynamics, facts, y0.f.dtype) and dynamics.eigen is not None:
-            times = np.asarray(taus)
-            outputs = np.unique(times[np.isfinite(times) & (times > 0)]).size
-            threshold = _CLASSIFICATION_END_COND + _CLASSIFICATION_END_PER_OUTPUT * outputs
+            threshold = (_CLASSIFICATION_END_COND
+                         + _CLASSIFICATION_END_PER_OUTPUT * _finite_outputs(taus))
             if float(dynamics.eigen.condition_number()) > threshold:
                 return Rodas5P()
         return explicit_solver(y0.f.dtype, s, taus)

@@ -128,6 +128,12 @@ class Dynamics(eqx.Module):
     def loss_fn(self, f: Float[Array, "rows traced"]) -> Array:
         return self.loss.value(f, self.y)
 
+    def with_eigen(self) -> Dynamics:
+        """These dynamics with the eigendecomposition of ``k`` (computed if not yet)."""
+        if self.eigen is not None:
+            return self
+        return Dynamics(self.k, self.loss, self.y, self.damping, self.with_test, Eigen.of(self.k))
+
     @property
     def momentum(self) -> bool:
         return self.damping is not None

@@ -742,12 +742,10 @@ def gradient_descent(
             if facts is None and is_concrete(tau, y0.f, lam_max):
                 facts = jax.device_get(classify(dyn, y0, tau, lam_max))
             if facts is not None and end_spectrum_decides(dyn, facts, f0.dtype):
-                # (the end-of-training solve needs it with either method)
-                dyn = Dynamics(dyn.k, flat_loss, b.y, damping, with_test, Eigen.of(dyn.k))
+                dyn = dyn.with_eigen()  # (the end-of-training solve needs it either way)
             chosen = choose_solver(dyn, y0, tau, lam_max, facts)
-            if chosen.eigenbasis and dyn.eigen is None:
-                eigen_now = Eigen.of(dyn.k)
-                dyn = Dynamics(dyn.k, flat_loss, b.y, damping, with_test, eigen_now)
+            if chosen.eigenbasis:
+                dyn = dyn.with_eigen()
         if prepared is not None:  # nothing to differentiate: the fastest variant
             chosen = chosen.for_concrete_inputs()
         from_gradients = _train_from_gradients(chosen, dyn, prepared is not None, infinite)
