@@ -362,6 +362,44 @@ def test_dopri8_steps_end_at_the_output_times():
         assert rel_err(ys.f[i], exact[i]) < (1e-9 if X64 else 5e-4)
 
 
+def test_dopri8_first_step_follows_the_dynamics_rate():
+    """The 8th-order pair sizes its first step by the dynamics' rate, not a unit time
+    scale: slowing the dynamics down by a factor (a kernel scaled by it) scales the
+    first step by its inverse and the solve takes the same steps to the same outputs; on
+    the slow problem Hairer's start takes more steps, for no better accuracy."""
+    from ntkflow._explicit import _initial_h, integrate
+
+    k_tt, _, _, f0, _ = _stiff_problem(cond=1e2)
+    y = jax.nn.one_hot(jnp.arange(k_tt.shape[0]) % 3, 3, dtype=DTYPE)
+    layout = make_layout(y.shape, (-1,))
+    rtol = 1e-10 if X64 else 1e-6
+    run = jax.jit(integrate, static_argnames=("rtol", "atol", "max_steps", "tableau"))
+    hairer = DOPRI8._replace(rate_start=False)
+    first, out = {}, {}
+    for scale in (1.0, 1e-3):
+        dyn = Dynamics(scale * k_tt, FlatLoss(cross_entropy, layout, (y.shape[0],)), y,
+                       None, False)
+        y0 = dyn.initial_state(f0, None)
+        k0 = dyn.vector_field(jnp.zeros((), DTYPE), y0)
+        first[scale] = float(_initial_h(dyn.vector_field, y0, k0, rtol, rtol, DOPRI8))
+        taus = jnp.asarray([300.0 / scale], DTYPE)  # S = c lam_max t = 10 (c = 1/72)
+        for tableau in (DOPRI8, hairer):
+            ys, info = run(dyn, y0, taus, rtol=rtol, atol=rtol, max_steps=10_000,
+                           tableau=tableau)
+            assert bool(info.ok)
+            out[scale, tableau.rate_start] = (ys.f[-1], int(info.num_steps))
+    ref = nt.predict.gradient_descent(cross_entropy, 1e-3 * k_tt, y, solver="dopri8",
+                                      rtol=1e-13 if X64 else 1e-7,
+                                      atol=1e-13 if X64 else 1e-7)(3e5, f0)
+    np.testing.assert_allclose(first[1e-3] * 1e-3, first[1.0], rtol=1e-6 if X64 else 1e-3)
+    (f_fast, n_fast), (f_slow, n_slow) = out[1.0, True], out[1e-3, True]
+    assert n_fast == n_slow
+    assert rel_err(f_slow, f_fast) < (1e-9 if X64 else 1e-5)
+    f_hairer, n_hairer = out[1e-3, False]
+    assert n_slow < n_hairer
+    assert rel_err(f_slow, ref) <= max(2 * rel_err(f_hairer, ref), 10 * rtol)
+
+
 @pytest.mark.skipif(not X64, reason="auto's 8th-order pair: runs with JAX_ENABLE_X64=1")
 def test_dopri8_at_the_tolerance_is_as_accurate_as_the_predecessors_method():
     """Cross-entropy at short horizons (S = 3-30), one and four output times, test outputs:
