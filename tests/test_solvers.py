@@ -398,6 +398,16 @@ def test_dopri8_first_step_follows_the_dynamics_rate():
     f_hairer, n_hairer = out[1e-3, False]
     assert n_slow < n_hairer
     assert rel_err(f_slow, ref) <= max(2 * rel_err(f_hairer, ref), 10 * rtol)
+    # A loss without curvature (rho = 0): the cap, the time in which the outputs would
+    # move by their own size, 100 h_0 = d_0 / d_1.
+    linear = Dynamics(k_tt, FlatLoss(lambda fx, yy: jnp.mean(fx * yy), layout, (y.shape[0],)),
+                      y, None, False)
+    y0 = linear.initial_state(f0, None)
+    k0 = linear.vector_field(jnp.zeros((), DTYPE), y0)
+    d0 = _explicit._error_ratio(y0, y0, y0, rtol, rtol)
+    d1 = _explicit._error_ratio(k0, y0, y0, rtol, rtol)
+    np.testing.assert_allclose(_initial_h(linear.vector_field, y0, k0, rtol, rtol, DOPRI8),
+                               d0 / d1, rtol=1e-6 if X64 else 1e-4)
 
 
 @pytest.mark.skipif(not X64, reason="auto's 8th-order pair: runs with JAX_ENABLE_X64=1")

@@ -333,9 +333,9 @@ def _initial_h(field: _Field, y0: FlatState, k0: FlatState, rtol: float, atol: f
 
     .. math:: h_1 = \left(\frac{0.01\, p!}{d_1\, \rho^{p-1}}\right)^{1/p},
 
-    again at most :math:`100 h_0` (Hairer's rule where :math:`d_0` or :math:`d_1` is
-    below 1e-5, or this is not finite). Gradient flow's time scale is
-    :math:`1 / (c \lambda_\max)`, hundreds of time units for a mean loss over
+    again at most :math:`100 h_0`, which is also the step where :math:`\rho` vanishes
+    (Hairer's rule where :math:`d_0` or :math:`d_1` is below 1e-5). Gradient flow's time
+    scale is :math:`1 / (c \lambda_\max)`, hundreds of time units for a mean loss over
     thousands of outputs, and an 8th-order pair cannot make up the difference: its error
     estimate at tiny steps is round-off, proportional to ``h``, so the steps grow by
     the controller's cap of 10 at most. Measured (float64, Dormand-Prince 8(7), S = 10,
@@ -362,7 +362,7 @@ def _initial_h(field: _Field, y0: FlatState, k0: FlatState, rtol: float, atol: f
     if tableau.rate_start:
         rho = d2 / jnp.where(d1 > 0, d1, 1.0)
         scaled = (0.01 * math.factorial(int(p)) / (d1 * rho ** (p - 1.0))) ** (1.0 / p)
-        h1 = jnp.where(small | ~jnp.isfinite(scaled), h1, scaled)
+        h1 = jnp.where(small | jnp.isnan(scaled), h1, scaled)
     return jnp.minimum(100 * h0, h1)
 
 
